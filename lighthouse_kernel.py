@@ -304,44 +304,56 @@ def _level_start(N, level: tl.constexpr, POOL: tl.constexpr):
 
 
 @triton.jit
-def _pyramid_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, score_ptr, N, P_UP, D,
-                    HX: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr, WITH_SCORES: tl.constexpr,
-                    LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One read of x builds every pooled level and (optionally) the score pyramid.
-
-    Program (b*G + g, block of tokens) handles the GROUP heads of kv group g, so that the q-score
-    (max over the group's heads) is formed without another pass.
-    """
+def _score_kernel(x_ptr, sx_b, sx_h, sx_n, score_ptr, N, P, D, G: tl.constexpr, GROUP: tl.constexpr,
+                  LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Score pyramid of kv group g: token score = max over the group's GROUP heads of ||x_t||,
+    coarser scores = max over the span. Program (b*G + g, block of tokens)."""
     bg = tl.program_id(0).to(tl.int64)
     b, g = bg // G, bg % G
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # token ids
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     t_ok, d_ok = t < N, d < D
     best = tl.zeros([BLOCK_T], dtype=tl.float64)  # largest squared norm over the group
     for i in range(GROUP):
-        h = g * GROUP + i
-        x = tl.load(x_ptr + b * sx_b + h * sx_h + t[:, None] * sx_n + d[None, :],
-                    mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
-        if WITH_SCORES:
-            x64 = x.to(tl.float64)  # exact squares of bf16/fp32 values: order-independent sums
-            best = tl.maximum(best, tl.sum(x64 * x64, axis=1))
-        for lvl in tl.static_range(1, LEVELS):
-            SPAN: tl.constexpr = POOL**lvl
-            # (BLOCK_T, BLOCK_D) -> (BLOCK_T / SPAN, SPAN, BLOCK_D) -> mean over each span
-            pooled = tl.sum(tl.reshape(x, [BLOCK_T // SPAN, SPAN, BLOCK_D]), axis=1) / SPAN
-            j = tl.program_id(1) * (BLOCK_T // SPAN) + tl.arange(0, BLOCK_T // SPAN).to(tl.int64)
-            row = (b * HX + h) * P_UP + _level_start(N, lvl, POOL) - N + j  # row in `upper`
-            tl.store(upper_ptr + row[:, None] * D + d[None, :], pooled.to(upper_ptr.dtype.element_ty),
-                     mask=(j < N // SPAN)[:, None] & d_ok[None, :])
-    if WITH_SCORES:
-        score = tl.sqrt(best).to(tl.float32)  # (BLOCK_T,) token scores (fp64 sqrt is correctly rounded)
-        base = score_ptr + bg * (P_UP + N)
-        tl.store(base + t, score, mask=t_ok)
-        for lvl in tl.static_range(1, LEVELS):
-            SPAN: tl.constexpr = POOL**lvl
-            pooled = tl.max(tl.reshape(score, [BLOCK_T // SPAN, SPAN]), axis=1)  # (BLOCK_T / SPAN,)
-            j = tl.program_id(1) * (BLOCK_T // SPAN) + tl.arange(0, BLOCK_T // SPAN).to(tl.int64)
-            tl.store(base + _level_start(N, lvl, POOL) + j, pooled, mask=j < N // SPAN)
+        x = tl.load(x_ptr + b * sx_b + (g * GROUP + i) * sx_h + t[:, None] * sx_n + d[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float64)  # (BLOCK_T, BLOCK_D)
+        best = tl.maximum(best, tl.sum(x * x, axis=1))  # squares of bf16/fp32 values are exact in fp64
+    score = tl.sqrt(best).to(tl.float32)  # (BLOCK_T,); the fp64 square root is correctly rounded
+    tl.store(score_ptr + bg * P + t, score, mask=t_ok)
+    for lvl in tl.static_range(1, LEVELS):
+        # (BLOCK_T,) -> (BLOCK_T / p^lvl, p^lvl) -> max over each span
+        pooled = tl.max(tl.reshape(score, [BLOCK_T // POOL**lvl, POOL**lvl]), axis=1)
+        j = tl.program_id(1) * (BLOCK_T // POOL**lvl) + tl.arange(0, BLOCK_T // POOL**lvl).to(tl.int64)
+        tl.store(score_ptr + bg * P + _level_start(N, lvl, POOL) + j, pooled, mask=j < N // POOL**lvl)
+
+
+@triton.jit
+def _pool_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, N, P_UP, D, HX: tl.constexpr, LEVELS: tl.constexpr,
+                 POOL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mean-pooled levels 1..L-1 of one head, for BLOCK_J coarsest entries (and everything below
+    them). Each level is the mean of its p children, read from the level below (level 0 is x):
+    plain row loads, no reshapes, and every finer level is still in cache when it is read."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // HX, bh % HX
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    for lvl in tl.static_range(1, LEVELS):
+        # this program's entries of level lvl: BLOCK_J * p^(L-1-lvl) of them
+        e = tl.program_id(1) * (BLOCK_J * POOL ** (LEVELS - 1 - lvl)) + \
+            tl.arange(0, BLOCK_J * POOL ** (LEVELS - 1 - lvl)).to(tl.int64)
+        ok = (e < N // POOL**lvl)[:, None] & d_ok[None, :]
+        acc = tl.zeros([BLOCK_J * POOL ** (LEVELS - 1 - lvl), BLOCK_D], dtype=tl.float32)
+        for c in tl.static_range(POOL):
+            child = e * POOL + c  # (entries,) index of the c-th child in level lvl-1
+            if lvl == 1:
+                rows = tl.load(x_ptr + b * sx_b + h * sx_h + child[:, None] * sx_n + d[None, :], mask=ok)
+            else:  # written just above by this program: bypass L1, read from L2
+                rows = tl.load(upper_ptr + (bh * P_UP + _level_start(N, lvl - 1, POOL) - N + child)[:, None] * D
+                               + d[None, :], mask=ok, cache_modifier=".cg")
+            acc += rows.to(tl.float32)
+        tl.store(upper_ptr + (bh * P_UP + _level_start(N, lvl, POOL) - N + e)[:, None] * D + d[None, :],
+                 (acc / POOL).to(upper_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()  # the next level reads rows that other threads of this program wrote
 
 
 @triton.jit
@@ -349,8 +361,8 @@ def _kth_largest_key(key, K: tl.constexpr, NBITS: tl.constexpr):
     """The K-th largest of non-negative, distinct int64 keys (-1 = absent), found bit by bit from
     the top: the largest threshold with at least K keys at or above it. Needs only counts, no sort."""
     threshold = tl.min(key, axis=0) * 0  # int64 scalar 0
-    for bit in range(NBITS - 1, -1, -1):
-        trial = threshold | (threshold * 0 + 1) << bit
+    for i in range(NBITS):
+        trial = threshold | (threshold * 0 + 1) << (NBITS - 1 - i)
         enough = tl.sum((key >= trial).to(tl.int32), axis=0) >= K
         threshold = tl.where(enough, trial, threshold)
     return threshold
@@ -377,8 +389,7 @@ def _emit(work_ptr, list_start, next_start, r, ok, j, kept, lvl: tl.constexpr,
           LEVELS: tl.constexpr, POOL: tl.constexpr, N):
     """Write this level's candidates as (causal key << 32 | pyramid index) at work[list_start + r],
     and the pyramid indices of the kept ones' children, in order, at work[next_start + ...]."""
-    SPAN: tl.constexpr = POOL**lvl
-    key = tl.where(kept, (j + 1) * SPAN * LEVELS - LEVELS + lvl, j * SPAN * LEVELS)
+    key = tl.where(kept, (j + 1) * POOL**lvl * LEVELS - LEVELS + lvl, j * POOL**lvl * LEVELS)
     tl.store(work_ptr + list_start + r, (key << 32) | (_level_start(N, lvl, POOL) + j), mask=ok)
     if lvl > 0:
         # the k-th kept entry's children go to slots k*p .. k*p + p-1 of the next list
@@ -436,9 +447,8 @@ def _select_kernel(q_score_ptr, k_score_ptr, idx_ptr, inv_ptr, work_ptr, N, P, M
 
     # Finer levels: the p children of each kept entry. List 1 + step, right after the previous.
     r = tl.arange(0, FINE).to(tl.int64)
-    for step in tl.static_range(TOP):
-        lvl: tl.constexpr = TOP - 1 - step
-        list_start = slice_start + n_top + step * FINE
+    for lvl in tl.static_range(TOP - 1, -1, -1):
+        list_start = slice_start + n_top + (TOP - 1 - lvl) * FINE
         tl.debug_barrier()  # the children were stored by other threads
         e = tl.load(work_ptr + list_start + r, cache_modifier=".cg")
         j = e - _level_start(N, lvl, POOL)
@@ -596,14 +606,20 @@ def triton_pyramid(x, n_groups, levels, pool, with_scores):
     x, sb, sh, sn = _strides(x)
     B, HX, N, D = x.shape
     _, P = level_offsets(N, levels, pool)
+    block_d = triton.next_power_of_2(D)
     upper = torch.empty(B, HX, P - N, D, dtype=x.dtype, device=x.device)
-    scores = torch.empty(B, n_groups, P, dtype=torch.float32, device=x.device) if with_scores else upper
+    coarsest = max(1, 4 * ROWS // pool ** (levels - 1))  # coarsest entries per program: ~256 tokens
+    _pool_kernel[(B * HX, triton.cdiv(N // pool ** (levels - 1), coarsest))](
+        x, sb, sh, sn, upper, N, P - N, D, HX=HX, LEVELS=levels, POOL=pool, BLOCK_J=coarsest, BLOCK_D=block_d,
+        num_warps=4)
+    if not with_scores:
+        return upper, None
+    scores = torch.empty(B, n_groups, P, dtype=torch.float32, device=x.device)
     block = _token_block(levels, pool)
-    grid = (B * n_groups, triton.cdiv(N, block))
-    _pyramid_kernel[grid](x, sb, sh, sn, upper, scores, N, P - N, D, HX=HX, G=n_groups,
-                          GROUP=HX // n_groups, WITH_SCORES=with_scores, LEVELS=levels, POOL=pool,
-                          BLOCK_T=block, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-    return upper, (scores if with_scores else None)
+    _score_kernel[(B * n_groups, triton.cdiv(N, block))](
+        x, sb, sh, sn, scores, N, P, D, G=n_groups, GROUP=HX // n_groups, LEVELS=levels, POOL=pool,
+        BLOCK_T=block, BLOCK_D=block_d, num_warps=4)
+    return upper, scores
 
 
 @torch.no_grad()

@@ -360,16 +360,32 @@ def test_bad_tensors_raise():
 
 @gpu_only
 def test_triton_is_deterministic():
+    """Every Triton stage gives bitwise-identical results on repeated calls (no atomics).
+
+    The attention core is not ours: cuDNN's SDPA backward accumulates dq in an order that varies
+    between runs (measured on an H200, also under torch.use_deterministic_algorithms), so the
+    whole layer is checked forward only and its stages one by one, backward included."""
     case = GPU_CASES[1]
     B, H, G, N, D, L, p, K = case
-    q, k, v = random_qkv(case, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(B, H, N, D, device=DEVICE, dtype=torch.bfloat16)
-    results = []
-    for _ in range(3):
-        out = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton")
-        results.append((out, *torch.autograd.grad((out * w).sum(), (q, k, v))))
-    for again in results[1:]:
-        for a, b in zip(results[0], again):
+    q, k, v = random_qkv(case, dtype=torch.bfloat16)
+    d_out = torch.randn_like(q)
+
+    def stages():
+        q_up, q_score = lk.triton_pyramid(q, G, L, p, with_scores=True)
+        k_up, k_score = lk.triton_pyramid(k, G, L, p, with_scores=True)
+        idx, inv = lk.triton_select(q_score, k_score, N, L, p, K)
+        qq = q.detach().requires_grad_()
+        q_sel = lk._PyramidGather.apply(qq, q_up, idx, inv, H, L, p)
+        (dq,) = torch.autograd.grad(q_sel, qq, q_sel * 3)
+        attn = q_sel.detach().requires_grad_()
+        out = lk._CausalScatter.apply(attn, idx, inv, N, L, p)
+        (d_attn,) = torch.autograd.grad(out, attn, d_out)
+        layer = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton")
+        return q_up, q_score, k_up, k_score, idx, inv, q_sel, dq, out, d_attn, layer
+
+    first = stages()
+    for _ in range(2):
+        for a, b in zip(first, stages()):
             assert torch.equal(a, b)
 
 
