@@ -1,0 +1,208 @@
+"""
+A Llama-style GPT whose attention layers run either dense causal SDPA or Lighthouse attention.
+
+Token embedding -> n_layer x [RMSNorm -> attention (RoPE, GQA) -> RMSNorm -> SwiGLU MLP] -> RMSNorm
+-> logits. No biases. model.set_attention("lighthouse" | "dense") switches every layer that is
+not listed in `dense_layers`; the parameters, and so the state dict, are the same in both modes.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lighthouse_kernel import gathered_length, lighthouse_attention
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # training context length (the RoPE table covers this many positions)
+    vocab_size: int = 257
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4  # < n_head: grouped-query attention
+    n_embd: int = 256
+    ffn_hidden: int = 768  # SwiGLU hidden width
+    rope_theta: float = 10000.0
+    tie_weights: bool = False
+    lh_levels: int = 3  # Lighthouse pyramid levels L
+    lh_pool: int = 4  # pooling factor p
+    lh_topk: int = 2048  # selection budget K
+    dense_layers: list = field(default_factory=lambda: [0, -1])  # stay dense in the Lighthouse phase
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim, length, theta):
+    """cos and sin of position * frequency, each (length, head_dim / 2)."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)  # (length, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each consecutive pair of x (B, H, T, hd) by its position's angle."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, H, T, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.n_embd // config.n_head
+        self.wq = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        self.use_lighthouse = False  # set by GPT.set_attention; not a parameter or buffer
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        c = self.config
+        # (B, T, heads * hd) -> (B, T, heads, hd) -> (B, heads, T, hd)
+        q = self.wq(x).view(B, T, c.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, c.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, c.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_lighthouse:
+            y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, hd) -> (B, T, H * hd)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # derived, so not in the state dict
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # residual projections: smaller, as in GPT-2
+            if name.endswith("wo.weight") or name.endswith("down.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.mode = "dense"
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def lighthouse_layers(self):
+        """Indices of the layers that run Lighthouse in the Lighthouse phase."""
+        dense = {i % self.config.n_layer for i in self.config.dense_layers}
+        return [i for i in range(self.config.n_layer) if i not in dense]
+
+    def set_attention(self, mode):
+        """'lighthouse': every layer not in dense_layers runs Lighthouse; 'dense': all dense."""
+        if mode not in ("lighthouse", "dense"):
+            raise ValueError(f"mode must be 'lighthouse' or 'dense', got {mode!r}")
+        lighthouse = set(self.lighthouse_layers()) if mode == "lighthouse" else set()
+        for i, block in enumerate(self.blocks):
+            block.attn.use_lighthouse = i in lighthouse
+        self.mode = mode
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)  # (B, T, n_embd)
+        for block in self.blocks:
+            if self.config.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # over all (B*T) positions
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after idx (B, T), always with dense attention."""
+        mode = self.mode
+        self.set_attention("dense")
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / max(temperature, 1e-6)  # (B, vocab)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+        self.set_attention(mode)
+        return idx
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_weights:
+            n -= self.embed.weight.numel()  # a lookup, not matrix work
+        return n
+
+    def flops_per_token(self, mode=None):
+        """Training FLOPs per token (forward + backward = 3x forward) in the given attention mode.
+
+        Matrix work: 6 per parameter. Causal attention on a sequence of S entries costs
+        2 * S^2 * H * hd per forward (QK^T and AV, half of the 4 S^2 H hd by causality), spread
+        over the T tokens; a Lighthouse layer attends over M gathered entries instead of T.
+        """
+        c = self.config
+        mode = mode or self.mode
+        T, hd = c.block_size, c.n_embd // c.n_head
+        lighthouse = set(self.lighthouse_layers()) if mode == "lighthouse" else set()
+        attention = 0
+        for i in range(c.n_layer):
+            S = gathered_length(T, c.lh_levels, c.lh_pool, c.lh_topk) if i in lighthouse else T
+            attention += 3 * 2 * S * S * c.n_head * hd / T
+        return 6 * self.num_params() + attention
+
+    def estimate_mfu(self, tokens_per_second, peak_flops, mode=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return self.flops_per_token(mode) * tokens_per_second / peak_flops
