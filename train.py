@@ -45,7 +45,7 @@ DEFAULTS = dict(
     ckpt_interval=100,  # iterations between checkpoints (also written at the switch and the end)
     sample_at_end=True,  # print a short sample from the final dense model
     # data
-    dataset="shakespeare_bytes",  # folder under data/ with train.bin, val.bin, meta.json
+    dataset="shakespeare_bytes",  # folder under data/ (or a path) with train.bin, val.bin, meta.json
     batch_size=8,  # sequences per micro-step (per GPU)
     gradient_accumulation_steps=1,  # micro-steps per iteration, summed over all GPUs
     block_size=2048,  # context length
@@ -124,6 +124,8 @@ def load_config(argv):
 
 
 def data_dir(config):
+    if os.sep in config["dataset"]:
+        return config["dataset"]
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", config["dataset"])
 
 

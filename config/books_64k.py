@@ -1,0 +1,34 @@
+# Lighthouse -> dense recovery on whole books, 64K byte-level context, one H100 (80 GB).
+# Model: d=512, 8 layers, 4 x 128-dim heads, SwiGLU 1536 (27.5M parameters); layers 0 and 7 stay
+# dense in phase 1. 200 Lighthouse + 120 recovery steps of 2 x 65536 tokens (42M tokens).
+# Data: python prepare_data.py --input <books folder> --tokenizer bytes   (-> data/books_bytes)
+# Time and loss on an H100: see the README's results (filled from the measured run).
+out_dir = "out-books-64k"
+dataset = "books_bytes"
+block_size = 65536
+batch_size = 1
+gradient_accumulation_steps = 2
+n_layer = 8
+n_head = 4
+n_kv_head = 4
+n_embd = 512
+ffn_hidden = 1536
+rope_theta = 500000.0
+dense_layers = [0, -1]
+lighthouse_iters = 200
+recovery_iters = 120
+lh_levels = 3
+lh_pool = 4
+lh_topk = 2048
+learning_rate = 2e-3
+lr_schedule = "constant"
+warmup_iters = 40
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+eval_interval = 40
+eval_iters = 10
+log_interval = 10
+ckpt_interval = 100
+sample_at_end = False

@@ -1,0 +1,36 @@
+# The paper's model shape (Peng, Ghosh, Quesnelle 2026): d=1024, 30 layers, 8 x 128-dim heads,
+# SwiGLU 1536, 98304-byte context, L=3, p=4, topk=1536 (attention on 18432 entries), layers
+# 0, 1, 28, 29 dense; 10k Lighthouse + 6k recovery steps, global batch 32 sequences (3.1M tokens).
+# Hardware: a multi-GPU node, e.g. torchrun --standalone --nproc_per_node=8 train.py config/paper_98k.py
+# (gradient_accumulation_steps is the global count and is split across the GPUs).
+# UNTESTED at full length here; the paper reports a final loss of 0.698 (dense-from-scratch: 0.724).
+out_dir = "out-paper-98k"
+dataset = "books_bytes"
+block_size = 98304
+batch_size = 1
+gradient_accumulation_steps = 32
+n_layer = 30
+n_head = 8
+n_kv_head = 8
+n_embd = 1024
+ffn_hidden = 1536
+rope_theta = 500000.0
+dense_layers = [0, 1, -2, -1]
+activation_checkpointing = True
+lighthouse_iters = 10000
+recovery_iters = 6000
+lh_levels = 3
+lh_pool = 4
+lh_topk = 1536
+learning_rate = 2e-3
+lr_schedule = "constant"
+warmup_iters = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+eval_interval = 500
+eval_iters = 20
+log_interval = 10
+ckpt_interval = 250
+sample_at_end = False

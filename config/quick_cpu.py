@@ -1,0 +1,26 @@
+# The first run: a tiny byte-level model on the default Shakespeare corpus, CPU only.
+# Both phases: 300 Lighthouse iterations (L=2, p=4, topk=128: attention over 768 of the 1024
+# positions, the last layer dense), then 150 dense recovery iterations.
+# Hardware: any CPU; about 3 minutes on 2 cores. Expected: final dense val loss ~2.0 (measured below).
+out_dir = "out-quick-cpu"
+dataset = "shakespeare_bytes"  # prepared automatically on first use
+device = "cpu"
+block_size = 1024
+batch_size = 4
+n_layer = 4
+n_head = 4
+n_kv_head = 2
+n_embd = 128
+ffn_hidden = 384
+lighthouse_iters = 300
+recovery_iters = 150
+lh_levels = 2
+lh_pool = 4
+lh_topk = 128
+dense_layers = [-1]
+learning_rate = 3e-3
+warmup_iters = 30
+eval_interval = 75
+eval_iters = 8
+log_interval = 25
+ckpt_interval = 75
