@@ -1,0 +1,60 @@
+"""
+Plot dense validation loss of several runs against wall-clock training time and against tokens,
+with each run's switch to dense attention marked. Reads the runs' metrics.jsonl files.
+Needs matplotlib (optional: pip install matplotlib).
+
+    python plot_runs.py out-dense/metrics.jsonl out-lighthouse/metrics.jsonl --out assets/runs.png
+"""
+
+import argparse
+import json
+import os
+
+
+def load(path):
+    records = [json.loads(line) for line in open(path)]
+    evals = [r for r in records if "val_loss" in r]
+    # the first dense-phase record marks the switch, if the run had a Lighthouse phase
+    lighthouse = any(r["phase"] == "lighthouse" for r in records)
+    switch = next((r for r in records if r["phase"] == "dense"), None) if lighthouse else None
+    return evals, switch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run")
+    parser.add_argument("--labels", nargs="+", help="a label per run (default: the folder names)")
+    parser.add_argument("--out", default="assets/runs.png")
+    args = parser.parse_args()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.metrics]
+    fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for path, label in zip(args.metrics, labels):
+        evals, switch = load(path)
+        seconds = [r["elapsed_s"] for r in evals]
+        tokens = [r["tokens"] / 1e6 for r in evals]
+        loss = [r["val_loss"] for r in evals]
+        line, = by_time.plot(seconds, loss, marker=".", label=label)
+        by_tokens.plot(tokens, loss, marker=".", color=line.get_color(), label=label)
+        if switch is not None:
+            # the switch happens at the start of the first dense step: the last eval before it
+            at = max((r for r in evals if r["tokens"] <= switch["tokens"] - 1), key=lambda r: r["tokens"])
+            by_time.axvline(at["elapsed_s"], color=line.get_color(), linestyle="--", linewidth=1)
+            by_tokens.axvline(at["tokens"] / 1e6, color=line.get_color(), linestyle="--", linewidth=1)
+    by_time.set_xlabel("training wall-clock seconds (eval excluded)")
+    by_tokens.set_xlabel("training tokens (millions)")
+    by_time.set_ylabel("validation loss (dense attention)")
+    for ax in (by_time, by_tokens):
+        ax.grid(alpha=0.3)
+    by_tokens.legend(title="dashed: switch to dense")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
