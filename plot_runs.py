@@ -32,11 +32,13 @@ def main():
 
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.metrics]
     fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    shown = []  # losses after the first evaluation: the untrained model's would flatten the rest
     for path, label in zip(args.metrics, labels):
         evals, switch = load(path)
         seconds = [r["elapsed_s"] for r in evals]
         tokens = [r["tokens"] / 1e6 for r in evals]
         loss = [r["val_loss"] for r in evals]
+        shown += [r["val_loss"] for r in evals if r["iter"] > 0]
         line, = by_time.plot(seconds, loss, marker=".", label=label)
         by_tokens.plot(tokens, loss, marker=".", color=line.get_color(), label=label)
         if switch is not None:
@@ -44,6 +46,7 @@ def main():
             at = max((r for r in evals if r["tokens"] <= switch["tokens"] - 1), key=lambda r: r["tokens"])
             by_time.axvline(at["elapsed_s"], color=line.get_color(), linestyle="--", linewidth=1)
             by_tokens.axvline(at["tokens"] / 1e6, color=line.get_color(), linestyle="--", linewidth=1)
+    by_time.set_ylim(min(shown) - 0.05, max(shown) + 0.1)
     by_time.set_xlabel("training wall-clock seconds (eval excluded)")
     by_tokens.set_xlabel("training tokens (millions)")
     by_time.set_ylabel("validation loss (dense attention)")

