@@ -141,6 +141,26 @@ def test_lighthouse_model_is_causal():
         assert grad[t + 1:].abs().max() == 0 and grad[: t + 1].abs().max() > 0
 
 
+@pytest.mark.parametrize("mode", ["dense", "lighthouse"])
+def test_activation_checkpointing_changes_nothing_but_memory(mode):
+    config = dict(block_size=512, vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=64,
+                  lh_levels=2, lh_pool=4, lh_topk=128, dense_layers=[-1])
+    x = torch.randint(0, 257, (2, 513))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**config, activation_checkpointing=checkpointing))
+        model.set_attention(mode)
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing recomputes the block in backward
+        results.append((loss, [p.grad for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
+
 def test_dense_model_is_causal():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, ffn_hidden=64))

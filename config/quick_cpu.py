@@ -1,7 +1,9 @@
 # The first run: a tiny byte-level model on the default Shakespeare corpus, CPU only.
-# Both phases: 300 Lighthouse iterations (L=2, p=4, topk=128: attention over 768 of the 1024
-# positions, the last layer dense), then 150 dense recovery iterations.
-# Hardware: any CPU; about 3 minutes on 2 cores. Expected: final dense val loss ~2.0 (measured below).
+# Both phases: 240 Lighthouse iterations (L=2, p=4, topk=128: attention over 768 of the 1024
+# positions, the last layer dense), then 120 dense recovery iterations.
+# Measured on 2 CPU cores (fresh clone, data prepared on the way): 207 s in all, 179 s of training
+# (Lighthouse phase 8.1k tok/s, dense phase 8.6k tok/s: at 1024 tokens there is nothing to save),
+# final dense val loss 2.007. At the switch the dense val loss is 2.27 against 2.06 in Lighthouse mode.
 out_dir = "out-quick-cpu"
 dataset = "shakespeare_bytes"  # prepared automatically on first use
 device = "cpu"
