@@ -5,7 +5,7 @@
 # Measured on one H200 (2 of the 5 book shards): 132 s of training (Lighthouse phase 431k tok/s,
 # dense phase 222k tok/s), final dense val loss 2.10. The dense baseline with the same 320 steps
 # (--lighthouse_iters=0 --recovery_iters=320) took 192 s and reached 2.03 (1.93 in a second,
-# identical run: GPU runs are not bitwise reproducible). On an H100 expect similar or slower.
+# identical run: GPU runs are not bitwise reproducible). Not yet run on an H100.
 out_dir = "out-books-64k"
 dataset = "books_bytes"
 block_size = 65536
