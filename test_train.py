@@ -58,6 +58,7 @@ def test_two_phases_switch_and_learn(dataset, tmp_path):
     assert [phases[i] for i in range(1, 11)] == ["lighthouse"] * 6 + ["dense"] * 4  # switch after 6
     losses = train_losses(tmp_path)
     assert all(np.isfinite(list(losses.values())))
+    assert all(r["grad_norm"] > 0 for r in log if "train_loss" in r)
     assert losses[10] < losses[1] - 0.5  # it learns
     evals = [r for r in log if "val_loss" in r]
     assert all("val_loss_lighthouse" in r for r in evals if r["phase"] == "lighthouse")
@@ -225,24 +226,32 @@ def test_sample_from_checkpoint(dataset, tmp_path):
 def test_data_streams_differ_per_rank_and_resume(dataset):
     config = dict(train.DEFAULTS, **TINY)
     path = os.path.join(dataset, "train.bin")
-    rank0, rank1 = (train.Batches(path, config, "cpu", seed=config["seed"] + r) for r in (0, 1))
-    assert not torch.equal(rank0.next()[0], rank1.next()[0])
+    rank0, rank1 = (train.Batches(path, config, "cpu", seed=1, rank=r, world_size=2) for r in (0, 1))
+    single = train.Batches(path, config, "cpu", seed=1)
+    x0, x1 = rank0.next()[0], rank1.next()[0]
+    assert not torch.equal(x0, x1)
+    # the two ranks' batches are the single process's first two batches: the global stream is the same
+    assert torch.equal(x0, single.next()[0]) and torch.equal(x1, single.next()[0])
     state = rank0.generator.get_state()
     after = rank0.next()[0]
     rank0.generator.set_state(state)
     assert torch.equal(rank0.next()[0], after)
 
 
-def test_ddp_two_processes_on_cpu(dataset, tmp_path):
-    """torchrun with 2 CPU processes (gloo): trains both phases and writes one metrics file."""
-    overrides = {**TINY, "dataset": dataset, "out_dir": str(tmp_path), "gradient_accumulation_steps": 2,
-                 "lighthouse_iters": 2, "recovery_iters": 2}
-    args = [f"--{k}={v}" for k, v in overrides.items()]
+def test_ddp_two_processes_match_one_process(dataset, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and one micro-step each trains exactly like one process
+    with two micro-steps: same batches, same averaged gradients, one metrics file."""
+    overrides = {**TINY, "dataset": dataset, "gradient_accumulation_steps": 2, "lighthouse_iters": 2,
+                 "recovery_iters": 2}
+    args = [f"--{k}={v}" for k, v in overrides.items()] + [f"--out_dir={tmp_path / 'two'}"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", *args], capture_output=True, text=True, timeout=240,
                             cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = train_losses(tmp_path)
-    assert sorted(losses) == [1, 2, 3, 4]
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert len(ckpt["data_generators"]) == 2  # each rank's data position is saved
+    single = run(dataset, tmp_path / "one", gradient_accumulation_steps=2, lighthouse_iters=2, recovery_iters=2)
+    two, one = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+    assert sorted(two) == [1, 2, 3, 4]
+    for it in two:
+        assert abs(two[it] - one[it]) < 1e-5, (it, two[it], one[it])
+    final = [r["val_loss"] for r in records(tmp_path / "two") if "val_loss" in r][-1]
+    assert abs(final - single["final_val_loss"]) < 1e-5

@@ -229,17 +229,23 @@ def learning_rate(it, config):
 
 class Batches:
     """Random windows of block_size + 1 tokens from a uint16 token file, drawn with a seeded
-    generator whose state goes into checkpoints, so that a resumed run sees the same stream."""
+    generator whose state goes into checkpoints, so that a resumed run sees the same stream.
 
-    def __init__(self, path, config, device, seed):
-        self.path, self.device = path, device
+    Under DDP every rank holds the same generator and draws the windows of all ranks, then keeps
+    its own slice: the ranks see different data, and the stream of global batches is the same for
+    any number of processes (2 GPUs x 1 micro-step = 1 GPU x 2 micro-steps, batch for batch)."""
+
+    def __init__(self, path, config, device, seed, rank=0, world_size=1):
+        self.path, self.device, self.rank, self.world_size = path, device, rank, world_size
         self.batch_size, self.block_size = config["batch_size"], config["block_size"]
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self):
         # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        starts = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(len(data) - self.block_size - 1, (self.world_size * self.batch_size,),
+                               generator=self.generator)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # this rank's share
         window = torch.stack([torch.from_numpy(data[s:s + self.block_size + 1].astype(np.int64)) for s in starts])
         x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (batch, block_size) each: inputs, next tokens
         if self.device.startswith("cuda"):
@@ -292,7 +298,8 @@ def train(config):
 
     model = build_model(config, meta["vocab_size"]).to(device)
     optimizer = configure_optimizer(model, config, device_type)
-    train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"] + rank)
+    train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"], rank,
+                            world_size)
     # progress state that a checkpoint carries
     state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds={"lighthouse": 0.0, "dense": 0.0},
                  phase_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
@@ -302,10 +309,8 @@ def train(config):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        if len(ckpt["data_generators"]) != world_size:
-            raise ConfigError(f"{out_dir}/ckpt.pt was written by {len(ckpt['data_generators'])} process(es); "
-                              f"resume it with the same number (now {world_size})")
-        train_batches.generator.set_state(ckpt["data_generators"][rank])
+        # the same global batches follow, whatever the number of processes now
+        train_batches.generator.set_state(ckpt["data_generator"])
         torch.set_rng_state(ckpt["rng_state"])
         if master:
             print(f"resuming from {out_dir}/ckpt.pt at iteration {state['iter']}")
@@ -328,18 +333,12 @@ def train(config):
     if distributed:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    def checkpoint_state():
-        generators = [train_batches.generator.get_state()]
-        if distributed:  # every rank's data position, so that each rank resumes its own stream
-            generators = [None] * world_size
-            torch.distributed.all_gather_object(generators, train_batches.generator.get_state())
-        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=config,
-                    state=state, data_generators=generators, rng_state=torch.get_rng_state(), meta=meta)
-
-    def write_checkpoint(name="ckpt.pt"):
-        snapshot = checkpoint_state()  # collective under DDP: every rank takes part
-        if master:
-            save_checkpoint(snapshot, out_dir, name)
+    def write_checkpoint():
+        if not master:  # every rank holds the same weights and data generator (see Batches)
+            return
+        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=config,
+                             state=state, data_generator=train_batches.generator.get_state(),
+                             rng_state=torch.get_rng_state(), meta=meta), out_dir)
 
     def log(record):
         with open(metrics_path, "a") as f:
@@ -405,8 +404,8 @@ def train(config):
                 _, loss = model(x, y)
             (loss / accumulation).backward()
             loss_sum += loss.item()
-        if config["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        # the norm before clipping (inf: measure only); a loss spike shows up here first
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] or float("inf")).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device_type == "cuda":
@@ -431,8 +430,8 @@ def train(config):
             if state["iter"] % config["log_interval"] == 0 or state["iter"] == total:
                 tok_s = window_tokens / window_time
                 mfu = raw_model.estimate_mfu(tok_s / world_size, config["peak_flops"]) if device_type == "cuda" else None
-                record = dict(iter=state["iter"], phase=phase, train_loss=train_loss, lr=lr, tokens=state["tokens"],
-                              elapsed_s=state["train_seconds"], tok_per_s=tok_s, mfu=mfu,
+                record = dict(iter=state["iter"], phase=phase, train_loss=train_loss, grad_norm=grad_norm, lr=lr,
+                              tokens=state["tokens"], elapsed_s=state["train_seconds"], tok_per_s=tok_s, mfu=mfu,
                               peak_mem_gb=peak_memory_gb(device))
                 log(record)
                 mfu_text = f", MFU {100 * mfu:.1f}%" if mfu is not None else ""
