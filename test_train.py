@@ -255,3 +255,11 @@ def test_ddp_two_processes_match_one_process(dataset, tmp_path):
         assert abs(two[it] - one[it]) < 1e-5, (it, two[it], one[it])
     final = [r["val_loss"] for r in records(tmp_path / "two") if "val_loss" in r][-1]
     assert abs(final - single["final_val_loss"]) < 1e-5
+    # the 2-process checkpoint resumes in one process (2 micro-steps) and goes on like a 1-process run
+    # that was never stopped (the schedule is constant after warmup, so only the length differs)
+    run(dataset, tmp_path / "two", gradient_accumulation_steps=2, lighthouse_iters=2, recovery_iters=4,
+        init_from="resume")
+    run(dataset, tmp_path / "straight", gradient_accumulation_steps=2, lighthouse_iters=2, recovery_iters=4)
+    two, straight = train_losses(tmp_path / "two"), train_losses(tmp_path / "straight")
+    assert sorted(two) == [1, 2, 3, 4, 5, 6]
+    assert all(abs(two[it] - straight[it]) < 1e-5 for it in (5, 6)), (two, straight)
