@@ -2,6 +2,7 @@
 Benchmarks (GPU). Three modes:
 
     python bench.py                          # one layer: ours vs dense SDPA (cuDNN, flash), every N
+    python bench.py --lengths 32768 --topk 1536   # one length, another topk
     python bench.py --mode=breakdown         # where one layer's time goes, stage by stage (N=98304)
     python bench.py --mode=train --config=config/books_32k.py   # a training step, dense vs Lighthouse
 
@@ -28,9 +29,10 @@ LENGTHS = [16384, 32768, 65536, 98304, 131072, 262144, 524288]
 B, H, D, LEVELS, POOL = 1, 8, 128, 3, 4
 
 
-def topk_for(N):
-    # 16384 / 16 = 1024 coarsest entries hold only 8 tiles of 128: topk 2048 is outside the domain
-    return {16384: 1024, 98304: 1536}.get(N, 2048)
+def topk_for(N, topk=None):
+    """The given topk, else the table's: 2048, 1536 at 98304, and 1024 at 16384, where
+    16384 / 16 = 1024 coarsest entries hold only 8 tiles of 128 (topk 2048 is outside the domain)."""
+    return topk or {16384: 1024, 98304: 1536}.get(N, 2048)
 
 
 def time_ms(fn, budget_ms=400, max_reps=50):
@@ -73,8 +75,7 @@ def make_inputs(N, seed=0):
     return q, k, v, dout
 
 
-def layer_variants(N):
-    topk = topk_for(N)
+def layer_variants(N, topk):
 
     def dense(backend):
         def attend(q, k, v):
@@ -89,12 +90,12 @@ def layer_variants(N):
     }
 
 
-def bench_layers(lengths):
+def bench_layers(lengths, topk=None):
     rows = []
     for N in lengths:
         q, k, v, dout = make_inputs(N)
         budget = 400 if N <= 131072 else 1  # long dense runs take seconds: time them 3 times
-        for name, attend in layer_variants(N).items():
+        for name, attend in layer_variants(N, topk_for(N, topk)).items():
             def forward():
                 with torch.no_grad():
                     attend(q, k, v)
@@ -103,7 +104,7 @@ def bench_layers(lengths):
                 torch.autograd.backward(attend(q, k, v), dout)
                 q.grad = k.grad = v.grad = None
 
-            rows.append(dict(N=N, topk=topk_for(N), impl=name, fwd_ms=time_ms(forward, budget),
+            rows.append(dict(N=N, topk=topk_for(N, topk), impl=name, fwd_ms=time_ms(forward, budget),
                              fwd_bwd_ms=time_ms(forward_backward, budget), peak_mib=peak_mib(forward_backward)))
             print(json.dumps(rows[-1]), flush=True)
         del q, k, v, dout
@@ -214,6 +215,7 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     parser.add_argument("--config", default="config/books_32k.py")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--topk", type=int, help="layer and breakdown modes: this topk at every length")
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -223,10 +225,10 @@ def main():
                 triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"))
     print(info)
     if args.mode == "layer":
-        rows = bench_layers(args.lengths)
+        rows = bench_layers(args.lengths, args.topk)
         print_layer_table(rows)
     elif args.mode == "breakdown":
-        rows = [r for N in args.lengths for r in bench_breakdown(N)]
+        rows = [r for N in args.lengths for r in bench_breakdown(N, args.topk)]
     else:
         rows = bench_train(args.config, args.iters)
     with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
 """
 Plot dense validation loss of several runs against wall-clock training time and against tokens,
-with each run's switch to dense attention marked. Reads the runs' metrics.jsonl files.
+with each run's switch to dense attention marked (dashed) and, during a Lighthouse phase, the
+validation loss measured with Lighthouse attention (dotted). Reads the runs' metrics.jsonl files.
 Needs matplotlib (optional: pip install matplotlib).
 
     python plot_runs.py out-dense/metrics.jsonl out-lighthouse/metrics.jsonl --out assets/runs.png
@@ -41,6 +42,13 @@ def main():
         shown += [r["val_loss"] for r in evals if r["iter"] > 0]
         line, = by_time.plot(seconds, loss, marker=".", label=label)
         by_tokens.plot(tokens, loss, marker=".", color=line.get_color(), label=label)
+        # the same model measured with Lighthouse attention, during the Lighthouse phase
+        lighthouse_evals = [r for r in evals if "val_loss_lighthouse" in r]
+        if lighthouse_evals:
+            lighthouse_loss = [r["val_loss_lighthouse"] for r in lighthouse_evals]
+            by_time.plot([r["elapsed_s"] for r in lighthouse_evals], lighthouse_loss, ":", color=line.get_color())
+            by_tokens.plot([r["tokens"] / 1e6 for r in lighthouse_evals], lighthouse_loss, ":",
+                           color=line.get_color(), label=f"{label}, Lighthouse-mode")
         if switch is not None:
             # the switch happens at the start of the first dense step: the last eval before it
             at = max((r for r in evals if r["tokens"] <= switch["tokens"] - 1), key=lambda r: r["tokens"])
@@ -52,7 +60,7 @@ def main():
     by_time.set_ylabel("validation loss (dense attention)")
     for ax in (by_time, by_tokens):
         ax.grid(alpha=0.3)
-    by_tokens.legend(title="dashed: switch to dense")
+    by_tokens.legend(title="dashed: switch to dense", fontsize=8, title_fontsize=8, loc="upper right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig.savefig(args.out, dpi=110)
