@@ -460,6 +460,9 @@ def train(config):
             text = decode(raw_model.generate(start, 200, temperature=0.8, top_k=50)[0].tolist())
             print(f"sample from the final (dense) model:\n{text}")
     if distributed:
+        # the other ranks wait for rank 0's final eval and checkpoint: tearing the group down
+        # while a peer still works aborts the process
+        torch.distributed.barrier()
         destroy_process_group()
     return summary
 
