@@ -76,7 +76,6 @@ def make_inputs(N, seed=0):
 
 
 def layer_variants(N, topk):
-
     def dense(backend):
         def attend(q, k, v):
             with sdpa_kernel(backend):
@@ -95,7 +94,8 @@ def bench_layers(lengths, topk=None):
     for N in lengths:
         q, k, v, dout = make_inputs(N)
         budget = 400 if N <= 131072 else 1  # long dense runs take seconds: time them 3 times
-        for name, attend in layer_variants(N, topk_for(N, topk)).items():
+        topk_N = topk_for(N, topk)
+        for name, attend in layer_variants(N, topk_N).items():
             def forward():
                 with torch.no_grad():
                     attend(q, k, v)
@@ -104,7 +104,7 @@ def bench_layers(lengths, topk=None):
                 torch.autograd.backward(attend(q, k, v), dout)
                 q.grad = k.grad = v.grad = None
 
-            rows.append(dict(N=N, topk=topk_for(N, topk), impl=name, fwd_ms=time_ms(forward, budget),
+            rows.append(dict(N=N, topk=topk_N, impl=name, fwd_ms=time_ms(forward, budget),
                              fwd_bwd_ms=time_ms(forward_backward, budget), peak_mib=peak_mib(forward_backward)))
             print(json.dumps(rows[-1]), flush=True)
         del q, k, v, dout
