@@ -49,7 +49,10 @@ HALF_KEEP = 64  # ... of which 64 by q-score, then 64 by k-score
 # The domain
 
 
-def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=None):
+SCORERS = ("norm", "dilated")
+
+
+def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=None, scorer="norm", dilation=4):
     """Raise ValueError (saying what to change) unless the layer is defined for these settings.
 
     Rules: levels >= 2; pool a power of two >= 2; topk a positive multiple of 128; seq_len a
@@ -89,6 +92,15 @@ def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=
             nearest = min(divisors, key=lambda d: abs(d - n_kv_head))
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}); "
                              f"nearest valid n_kv_head: {nearest}")
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(map(repr, SCORERS))} (got {scorer!r})")
+    if scorer == "dilated":
+        if not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"dilation must be an integer >= 1 (got {dilation!r}); the authors use 4")
+        if seq_len % dilation:
+            raise ValueError(f"sequence length {seq_len} must be a multiple of the dilated scorer's dilation "
+                             f"{dilation}: nearest valid lengths {seq_len // dilation * dilation} or "
+                             f"{(seq_len // dilation + 1) * dilation}, or another dilation")
     return gathered_length(seq_len, levels, pool, topk)
 
 
@@ -733,11 +745,13 @@ def _pick_impl(impl, tensor):
     return impl
 
 
-def lighthouse_attention(q, k, v, levels, pool, topk, impl=None):
+def lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm", dilation=4, rope=None):
     """Lighthouse attention. q (B, H, N, D), k, v (B, H_kv, N, D), after RoPE -> (B, H, N, D).
 
     impl: "torch" (the reference), "triton", or None for Triton on CUDA and the reference on CPU.
     """
+    if scorer != "norm" or rope is not None:
+        raise NotImplementedError("the dilated scorer and RoPE at the span end are not built yet")
     if _pick_impl(impl, q) == "triton":
         return lighthouse_triton(q, k, v, levels, pool, topk)
     return lighthouse_reference(q, k, v, levels, pool, topk)

@@ -7,32 +7,112 @@ not listed in `dense_layers`; the parameters, and so the state dict, are the sam
 """
 
 import math
-from dataclasses import dataclass, field
+import os
+import pickle
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lighthouse_kernel import gathered_length, lighthouse_attention
+from lighthouse_kernel import check_lighthouse_config, gathered_length, lighthouse_attention
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # training context length (the RoPE table covers this many positions)
-    vocab_size: int = 257
+    """Every model setting, with its default. train.py's model keys are exactly these fields (less
+    vocab_size, which comes from the data), so a setting cannot exist in one place and not the other.
+    The defaults are a tiny byte-level model that trains on a CPU in minutes (config/quick_cpu.py)."""
+
+    block_size: int = 1024  # training context length (the RoPE tables cover this many positions)
+    vocab_size: int = 257  # bytes 0..255 and an end-of-document token
     n_layer: int = 4
     n_head: int = 4
-    n_kv_head: int = 4  # < n_head: grouped-query attention
-    n_embd: int = 256
-    ffn_hidden: int = 768  # SwiGLU hidden width
+    n_kv_head: int = 2  # < n_head: grouped-query attention (a multiple of it: n_head % n_kv_head == 0)
+    n_embd: int = 128
+    ffn_hidden: int = 384  # SwiGLU hidden width
     rope_theta: float = 10000.0
-    tie_weights: bool = False
-    lh_levels: int = 3  # Lighthouse pyramid levels L
+    tie_weights: bool = False  # share the token embedding with the output layer
+    dense_layers: list = field(default_factory=lambda: [-1])  # stay dense in the Lighthouse phase
+    lh_levels: int = 2  # Lighthouse pyramid levels L
     lh_pool: int = 4  # pooling factor p
-    lh_topk: int = 2048  # selection budget K
-    dense_layers: list = field(default_factory=lambda: [0, -1])  # stay dense in the Lighthouse phase
+    lh_topk: int = 128  # selection budget K (a multiple of 128)
+    lh_scorer: str = "norm"  # 'norm' (max token norms) or 'dilated' (norms of strided attention outputs)
+    lh_dilation: int = 4  # the dilated scorer's stride; block_size must be a multiple of it
+    lh_rope: str = "before_pool"  # 'before_pool' (the paper) or 'span_end' (rotate each selected entry)
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
+
+    @classmethod
+    def from_settings(cls, settings):
+        """A GPTConfig from a dict of settings (a config file's, train.py's), ignoring other keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in names})
+
+    def check(self, lighthouse=True):
+        """Raise ValueError, saying what to change, unless this model can be built (and, with
+        lighthouse=True, run its Lighthouse phase)."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"the head dim n_embd / n_head = {self.n_embd // self.n_head} must be even for RoPE")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be > 0 (got {self.rope_theta})")
+        for i in self.dense_layers:
+            if not isinstance(i, int) or not -self.n_layer <= i < self.n_layer:
+                raise ValueError(f"dense_layers entry {i!r} is not a layer index for n_layer={self.n_layer}")
+        if lighthouse:
+            check_lighthouse_config(self.block_size, self.lh_levels, self.lh_pool, self.lh_topk, self.n_head,
+                                    self.n_kv_head, scorer=self.lh_scorer, dilation=self.lh_dilation)
+            if self.lh_rope not in ("before_pool", "span_end"):
+                raise ValueError(f"lh_rope must be 'before_pool' or 'span_end' (got {self.lh_rope!r})")
+
+
+def read_config_file(path):
+    """The settings a config file makes (plain Python assignments, as in config/), as a dict.
+    Names starting with '_' are private to the file. Errors name the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} not found")
+    namespace = {}
+    try:
+        exec(compile(open(path).read(), path, "exec"), namespace)
+    except Exception as e:  # a syntax error, or any error while running the file
+        raise ValueError(f"config file {path} could not be read: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items() if not k.startswith("_")}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, with a message that says why."""
+
+
+CHECKPOINT_KEYS = ("model", "model_config", "config", "meta")
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint written by train.py. Checkpoints hold plain data only (tensors, numbers,
+    strings, lists, dicts), so they are loaded with weights_only=True: a shared file cannot run
+    code. Anything else raises CheckpointError naming the file and the problem."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path} holds Python objects, not only plain data; it was not written by "
+                                  f"train.py and loading it could run code, so it is refused") from None
+        raise CheckpointError(f"{path} is not a checkpoint (unreadable: {e})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (truncated or empty?): {reason}") from None
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} is not a checkpoint written by this version of train.py "
+                              f"(expected the keys {', '.join(CHECKPOINT_KEYS)})")
+    return ckpt
 
 
 class RMSNorm(nn.Module):
@@ -77,11 +157,17 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, c.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, c.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, c.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.use_lighthouse:
-            y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk)
+        if self.use_lighthouse and c.lh_rope == "span_end":
+            # raw q, k: the layer pools them and rotates each selected entry at its span's last token
+            y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
+                                     dilation=c.lh_dilation, rope=(cos, sin))
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.use_lighthouse:
+                y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
+                                         dilation=c.lh_dilation)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, hd) -> (B, T, H * hd)
 
 
@@ -127,6 +213,19 @@ class GPT(nn.Module):
             if name.endswith("wo.weight") or name.endswith("down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.mode = "dense"
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """The model a train.py checkpoint holds, on device, in eval mode with dense attention.
+        Returns (model, checkpoint): the checkpoint's "meta" names the tokenizer, "data_dir" the data."""
+        ckpt = load_checkpoint(path, device)
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval(), ckpt
+
+    def model_config(self):
+        """The GPTConfig as plain data, as checkpoints store it."""
+        return asdict(self.config)
 
     @staticmethod
     def _init_weights(module):
@@ -179,6 +278,13 @@ class GPT(nn.Module):
             idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
         self.set_attention(mode)
         return idx
+
+    def configure_optimizer(self, learning_rate, weight_decay, betas, device_type):
+        """AdamW with weight decay on the matrices only; the norms' gains stay undecayed."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
