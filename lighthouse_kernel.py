@@ -3,18 +3,25 @@ Lighthouse Attention (arXiv 2605.06554): a plain-PyTorch reference and Triton ke
 
 Lighthouse is a training-only wrapper around ordinary causal attention. Instead of attending over
 all N tokens, it builds a pyramid of mean-pooled q, k, v, picks a few thousand pyramid entries
-(coarse summaries of most of the sequence, full resolution where the norms are largest), puts
+(coarse summaries of most of the sequence, full resolution where the scores are largest), puts
 them in a causal order, runs ordinary causal SDPA on that short sequence of M entries, and
 scatters each entry's output back to the tokens that are allowed to see it.
 
-    q, k, v (B, H, N, D)
+    q (B, H, N, D), k, v (B, H_kv, N, D)
       |  1. pyramid: mean-pool over spans of p^lvl tokens, lvl = 0..L-1
-      |  2. scores: per entry, the max token norm of q and of k (fp32)
+      |  2. scores: per token, a q-score and a k-score (fp32); per entry, the max over its tokens
       |  3. selection (no gradient): per tile, coarse to fine, keep 64 by q + 64 by k
       |  4. order: sort the selected entries by an integer causal key
       |  5. attend: gather the M selected entries, causal SDPA on them
       v  6. scatter: entry covering [a, a+c) feeds tokens [a+c-1, a+2c-1)
     out (B, H, N, D)
+
+Two variants (see lighthouse_attention's arguments):
+  * scorer: "norm" (the token scores are ||q_t|| and ||k_t||) or "dilated" (the norms of two
+    causal attention outputs computed inside each of `dilation` interleaved phases of positions:
+    queries over keys, and keys over queries).
+  * rope: None (q, k arrive rotated, so pooled entries mix rotations of different positions) or
+    (cos, sin) tables (q, k arrive raw; each selected entry is rotated at its span's last token).
 
 Everything is indexed in one concatenated pyramid layout per head:
     [ level 0 (N entries) | level 1 (N/p entries) | ... | level L-1 (N/p^(L-1) entries) ]
@@ -25,31 +32,37 @@ The file has three parts:
   * check_lighthouse_config: the domain rules, with errors that say what to change.
   * The reference: one small function per step (`ref_*`), composed by `lighthouse_reference`.
     Read these to learn the method.
-  * The Triton path: kernels for the pyramid+scores, the selection+order, the gather and the
-    scatter, each with a hand-written backward; the attention core stays torch SDPA (cuDNN on
-    an H100). It computes the same function as the reference, deterministically (no atomics).
+  * The Triton path: a `triton_*` twin of each reference step, composed by `lighthouse_triton`.
+    Kernels for the norms, the pooling, the selection+order, the gather (with the span-end
+    rotation fused) and the scatter, each with a hand-written backward; the attention core, and
+    the dilated scorer's two attention passes, stay torch SDPA (cuDNN on an H100/H200). The
+    kernels are registered as torch custom ops, so torch.compile sees them as single calls
+    instead of breaking its graph. It computes the same function as the reference,
+    deterministically (no atomics).
 
-Public entry points: lighthouse_attention(q, k, v, levels, pool, topk, impl=None) and
-lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None).
+Public entry points: lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm",
+dilation=4, rope=None) and lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None).
 """
 
+import contextlib
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 TILE_KEEP = 128  # entries each tile keeps (refines) at every level
 HALF_KEEP = 64  # ... of which 64 by q-score, then 64 by k-score
+SCORERS = ("norm", "dilated")
+MAX_GRID_HEADS = 65535  # CUDA's limit on grid axis 1, where the kernels put batch * heads
 
 
 # -----------------------------------------------------------------------------
 # The domain
-
-
-SCORERS = ("norm", "dilated")
 
 
 def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=None, scorer="norm", dilation=4):
@@ -57,8 +70,9 @@ def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=
 
     Rules: levels >= 2; pool a power of two >= 2; topk a positive multiple of 128; seq_len a
     multiple of pool^(levels-1) with at least 128 coarsest entries per tile, i.e.
-    seq_len / pool^(levels-1) >= topk (topk / 128 tiles of >= 128 entries); n_head a multiple of
-    n_kv_head. The returned value is the number M of selected entries (the gathered length).
+    seq_len / pool^(levels-1) >= topk (topk / 128 tiles of >= 128 entries), and
+    seq_len * levels < 2^31 (the causal sort key); n_head a multiple of n_kv_head; the dilated
+    scorer needs seq_len to be a multiple of its dilation. Returns M, the gathered length.
     """
     if not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an integer >= 2 (got {levels!r}); nearest valid: 2")
@@ -110,7 +124,7 @@ def gathered_length(seq_len, levels, pool, topk):
 
 
 def level_offsets(seq_len, levels, pool):
-    """Start of each level in the concatenated pyramid layout, and the total length."""
+    """Start of each level in the concatenated pyramid layout, and the total length P."""
     offsets, total = [], 0
     for lvl in range(levels):
         offsets.append(total)
@@ -118,7 +132,8 @@ def level_offsets(seq_len, levels, pool):
     return offsets, total
 
 
-def _check_qkv(q, k, v, levels, pool, topk):
+def _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope):
+    """The layer's inputs, checked before any work: shapes, devices, dtypes, the domain."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected q (B, H, N, D) and k, v (B, H_kv, N, D); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -126,7 +141,27 @@ def _check_qkv(q, k, v, levels, pool, topk):
     if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
         raise ValueError(f"k and v must match q in batch, length and head dim: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
-    check_lighthouse_config(N, levels, pool, topk, n_head=H, n_kv_head=k.shape[1])
+    if D % 2 and rope is not None:
+        raise ValueError(f"RoPE at the span end needs an even head dim (got {D})")
+    tensors = dict(q=q, k=k, v=v)
+    if rope is not None:
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+            raise ValueError("rope must be None or a pair (cos, sin) of tables (>= N, D/2)")
+        tensors.update(cos=rope[0], sin=rope[1])
+        for name in ("cos", "sin"):
+            table = tensors[name]
+            if table.dim() != 2 or table.shape[0] < N or table.shape[1] != D // 2:
+                raise ValueError(f"rope {name} table must be (>= N, D/2) = (>= {N}, {D // 2}); "
+                                 f"got {tuple(table.shape)}")
+    for name, t in tensors.items():
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: put all inputs on one device")
+    for name in ("k", "v"):
+        if tensors[name].dtype != q.dtype:
+            raise ValueError(f"q, k, v must share a dtype: q is {q.dtype}, {name} is {tensors[name].dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q, k, v must be float32, float16 or bfloat16 (got {q.dtype})")
+    check_lighthouse_config(N, levels, pool, topk, n_head=H, n_kv_head=k.shape[1], scorer=scorer, dilation=dilation)
 
 
 # -----------------------------------------------------------------------------
@@ -144,29 +179,61 @@ def ref_pyramid(x, levels, pool):
     for _ in range(1, levels):
         finer = pyramid[-1]
         # (B, H, n, D) -> (B, H, n/p, p, D) -> mean over the p children -> (B, H, n/p, D)
-        pyramid.append(finer.view(B, H, finer.shape[2] // pool, pool, D).mean(dim=3))
+        pyramid.append(finer.reshape(B, H, finer.shape[2] // pool, pool, D).mean(dim=3))
     return torch.cat(pyramid, dim=2)
 
 
-def ref_token_scores(q, k):
-    """Step 2a. Per-token scores for each kv head: max over the group's query heads of ||q_t||,
-    and ||k_t||; both (B, H_kv, N) in fp32.
+def _max_over_group(scores, n_groups):
+    """(B, H, N) per query head -> (B, G, N): the max over each kv group's query heads."""
+    B, H, N = scores.shape
+    return scores.view(B, n_groups, H // n_groups, N).amax(dim=2)
+
+
+def ref_norm_scores(q, k):
+    """Step 2a, the norm scorer. Per-token scores for each kv head: max over the group's query
+    heads of ||q_t||, and ||k_t||; both (B, H_kv, N) in fp32.
 
     The squared norm is summed in fp64 so that the result does not depend on summation order:
     for bf16 inputs every term is exact, so both paths produce bitwise-equal scores and
     select the same entries. (bf16 norms tie constantly; fp32 is what the scores are kept in.)
     """
-    B, H, N, D = q.shape
-    G = k.shape[1]
     q_norm = q.double().square().sum(-1).sqrt().float()  # (B, H, N)
     k_norm = k.double().square().sum(-1).sqrt().float()  # (B, G, N)
-    q_score = q_norm.view(B, G, H // G, N).amax(dim=2)  # (B, G, N): max over the group's heads
-    return q_score, k_norm
+    return _max_over_group(q_norm, k.shape[1]), k_norm
+
+
+def ref_dilated_scores(q, k, v, dilation):
+    """Step 2a, the dilated scorer. Split the positions into `dilation` interleaved phases
+    (t mod dilation) and run causal softmax attention inside each phase, twice:
+        a_qk[t] = sum over s <= t in t's phase of softmax_s(q_t . k_s / sqrt(D)) v_s
+        a_kq[t] = sum over s <= t in t's phase of softmax_s(k_t . q_s / sqrt(D)) v_s
+    The q-score of token t is ||a_qk[t]||, its k-score ||a_kq[t]||, per query head, then the
+    max over each kv group's query heads. fp32 throughout; returns two (B, H_kv, N) tensors.
+    """
+    B, H, N, D = q.shape
+    G = k.shape[1]
+
+    def phases(x):  # (B, H, N, D) -> (B, H, dilation, N/dilation, D): phase r holds r, r+d, r+2d, ...
+        return x.float().reshape(B, H, N // dilation, dilation, D).transpose(2, 3)
+
+    q_ph = phases(q)
+    k_ph, v_ph = (phases(x.repeat_interleave(H // G, dim=1)) for x in (k, v))  # kv heads to query heads
+    causal = torch.ones(N // dilation, N // dilation, dtype=torch.bool, device=q.device).tril()
+
+    def attend(queries, keys):  # causal softmax attention inside each phase, over v
+        logits = (queries @ keys.transpose(-1, -2)) / math.sqrt(D)  # (B, H, dilation, N/d, N/d)
+        return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v_ph  # (B, H, dilation, N/d, D)
+
+    def token_scores(a):  # (B, H, dilation, N/d, D) -> norms back in position order (B, H, N)
+        return a.norm(dim=-1).transpose(2, 3).reshape(B, H, N)
+
+    a_qk, a_kq = attend(q_ph, k_ph), attend(k_ph, q_ph)
+    return _max_over_group(token_scores(a_qk), G), _max_over_group(token_scores(a_kq), G)
 
 
 def ref_score_pyramid(token_scores, levels, pool):
     """Step 2b. Scores of coarser entries: the max over their tokens, as a max-pool of the level
-    below. (B, G, N) -> concatenated (B, G, N + N/p + ...)."""
+    below. (B, G, N) -> concatenated (B, G, N + N/p + ...). Exact, so both paths share it."""
     B, G, N = token_scores.shape
     pyramid = [token_scores]
     for _ in range(1, levels):
@@ -251,10 +318,39 @@ def inverse_map(indices, pyramid_len):
 
 def ref_gather(pyramid, indices):
     """Step 5a. pyramid (B, Hx, P, D), indices (B, G, M) -> (B, Hx, M, D): each head takes the
-    entries its kv group selected (a query head h belongs to group h // (Hx / G))."""
+    entries its kv group selected (head h belongs to group h // (Hx / G))."""
     B, Hx, _, D = pyramid.shape
     per_group = indices.repeat_interleave(Hx // indices.shape[1], dim=1)  # (B, Hx, M)
     return pyramid.gather(2, per_group[..., None].expand(-1, -1, -1, D))
+
+
+def last_token(indices, seq_len, levels, pool):
+    """The last token (j+1)*p^lvl - 1 of the span of each pyramid index (any shape)."""
+    offsets, _ = level_offsets(seq_len, levels, pool)
+    span = torch.ones_like(indices)
+    j = indices.clone()
+    for lvl in range(1, levels):
+        upper = indices >= offsets[lvl]
+        span = torch.where(upper, pool**lvl, span)
+        j = torch.where(upper, indices - offsets[lvl], j)
+    return (j + 1) * span - 1
+
+
+def rope_rotate(x, cos, sin):
+    """Rotate each consecutive pair (x[..., 2i], x[..., 2i+1]) of x by the angle whose cos and sin
+    are cos[..., i], sin[..., i] (broadcast against x's leading dims). Computed in fp32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (..., D/2)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., D/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (..., D)
+
+
+def ref_rope_at_span_end(x_sel, indices, cos, sin, seq_len, levels, pool):
+    """Step 5b, RoPE at the span end. Rotate each gathered entry x_sel (B, Hx, M, D) of pyramid
+    index indices (B, G, M) at the last token of its span: a level-0 entry at its own position,
+    a node where the causal order places it. cos, sin: (>= N, D/2) tables."""
+    pos = last_token(indices, seq_len, levels, pool)  # (B, G, M)
+    pos = pos.repeat_interleave(x_sel.shape[1] // indices.shape[1], dim=1)  # (B, Hx, M)
+    return rope_rotate(x_sel, cos[pos], sin[pos])  # tables (B, Hx, M, D/2)
 
 
 def ref_scatter(attn, inv, seq_len, levels, pool):
@@ -278,21 +374,29 @@ def ref_scatter(attn, inv, seq_len, levels, pool):
     return out
 
 
-def lighthouse_reference(q, k, v, levels, pool, topk):
+def ref_token_scores(q, k, v, scorer="norm", dilation=4):
+    """Step 2a with the chosen scorer: (B, H_kv, N) q-scores and k-scores, fp32, no gradient."""
+    with torch.no_grad():
+        return ref_dilated_scores(q, k, v, dilation) if scorer == "dilated" else ref_norm_scores(q, k)
+
+
+def lighthouse_reference(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None):
     """The whole layer in plain PyTorch: q (B, H, N, D), k, v (B, H_kv, N, D) -> (B, H, N, D)."""
-    _check_qkv(q, k, v, levels, pool, topk)
+    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope)
     B, H, N, D = q.shape
     G = k.shape[1]
     q_pyr, k_pyr, v_pyr = (ref_pyramid(x, levels, pool) for x in (q, k, v))  # (B, *, P, D)
     with torch.no_grad():
-        q_tok, k_tok = ref_token_scores(q, k)  # (B, G, N) each
+        q_tok, k_tok = ref_token_scores(q, k, v, scorer, dilation)  # (B, G, N) each
         q_score = ref_score_pyramid(q_tok, levels, pool)  # (B, G, P)
         k_score = ref_score_pyramid(k_tok, levels, pool)
         indices = ref_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M)
         inv = inverse_map(indices, q_score.shape[2])  # (B, G, P)
-    q_sel = ref_gather(q_pyr, indices)  # (B, H, M, D)
-    k_sel = ref_gather(k_pyr, indices).repeat_interleave(H // G, dim=1)  # (B, G, M, D) -> (B, H, M, D)
-    v_sel = ref_gather(v_pyr, indices).repeat_interleave(H // G, dim=1)
+    q_sel, k_sel, v_sel = (ref_gather(x, indices) for x in (q_pyr, k_pyr, v_pyr))  # (B, H or G, M, D)
+    if rope is not None:
+        q_sel = ref_rope_at_span_end(q_sel, indices, *rope, N, levels, pool)
+        k_sel = ref_rope_at_span_end(k_sel, indices, *rope, N, levels, pool)
+    k_sel, v_sel = (x.repeat_interleave(H // G, dim=1) for x in (k_sel, v_sel))  # (B, G, M, D) -> (B, H, M, D)
     attn = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True)  # (B, H, M, D)
     return ref_scatter(attn, inv, N, levels, pool)
 
@@ -300,10 +404,12 @@ def lighthouse_reference(q, k, v, levels, pool, topk):
 # -----------------------------------------------------------------------------
 # The Triton path
 #
-# Kernels work on one (batch, head) row per program id 0 and a block of tokens or entries per
-# program id 1. The pyramid above level 0 is stored separately ("upper", (B, Hx, P - N, D)):
-# level 0 is the input itself, which the gather reads directly instead of copying.
-# Offsets are int64 everywhere: at N = 512K the flat index into (B, H, N, D) passes 2^31.
+# Launches put blocks of rows (tokens or entries) on grid axis 0, which allows 2^31 - 1 programs,
+# and the (batch, head) rows on axis 1, which allows 65535: so any length the domain admits
+# launches. The pyramid above level 0 is stored separately ("upper", (B, Hx, P - N, D)): level 0
+# is the input itself, which the gather reads directly instead of copying. Offsets are int64
+# everywhere: at N = 512K the flat index into (B, H, N, D) passes 2^31. Tensors are read and
+# written through their strides, so transposed inputs and gradients need no copies.
 
 
 @triton.jit
@@ -316,99 +422,153 @@ def _level_start(N, level: tl.constexpr, POOL: tl.constexpr):
 
 
 @triton.jit
-def _score_kernel(x_ptr, sx_b, sx_h, sx_n, score_ptr, N, P, D, G: tl.constexpr, GROUP: tl.constexpr,
-                  LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Score pyramid of kv group g: token score = max over the group's GROUP heads of ||x_t||,
-    coarser scores = max over the span. Program (b*G + g, block of tokens)."""
-    bg = tl.program_id(0).to(tl.int64)
+def _last_token(e, N, LEVELS: tl.constexpr, POOL: tl.constexpr):
+    """Twin of last_token: for pyramid indices e, the span p^lvl and the span's last token."""
+    span = e * 0 + 1
+    j = e
+    for lvl in tl.static_range(1, LEVELS):
+        start = _level_start(N, lvl, POOL)
+        span = tl.where(e >= start, POOL**lvl, span)
+        j = tl.where(e >= start, e - start, j)
+    return span, (j + 1) * span - 1
+
+
+@triton.jit
+def _rotate(rows, pos, cos_ptr, sin_ptr, s_rope, D, SIGN: tl.constexpr, BLOCK_R: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """Twin of rope_rotate for a block of rows (BLOCK_R, BLOCK_D) fp32, row r rotated at position
+    pos[r]; SIGN = -1 rotates by the negative angle (the adjoint, for the backward pass)."""
+    i = tl.arange(0, BLOCK_D // 2)
+    ok = (pos >= 0)[:, None] & (i < D // 2)[None, :]
+    cos = tl.load(cos_ptr + pos[:, None] * s_rope + i[None, :], mask=ok, other=1.0)
+    sin = tl.load(sin_ptr + pos[:, None] * s_rope + i[None, :], mask=ok, other=0.0) * SIGN
+    # (BLOCK_R, BLOCK_D) -> (BLOCK_R, BLOCK_D/2, 2) -> the even and the odd element of each pair
+    even, odd = tl.split(tl.reshape(rows, [BLOCK_R, BLOCK_D // 2, 2]))
+    rotated = tl.join(even * cos - odd * sin, even * sin + odd * cos)  # (BLOCK_R, BLOCK_D/2, 2)
+    return tl.reshape(rotated, [BLOCK_R, BLOCK_D])
+
+
+@triton.jit
+def _norm_score_kernel(x_ptr, sx_b, sx_h, sx_n, score_ptr, N, D, G: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Twin of ref_norm_scores for one tensor: score[b, g, t] = max over the GROUP heads of kv
+    group g of ||x[b, h, t]||, via squared norms summed in fp64 (exact for bf16 and fp32 terms)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    bg = tl.program_id(1).to(tl.int64)
     b, g = bg // G, bg % G
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     t_ok, d_ok = t < N, d < D
     best = tl.zeros([BLOCK_T], dtype=tl.float64)  # largest squared norm over the group
     for i in range(GROUP):
         x = tl.load(x_ptr + b * sx_b + (g * GROUP + i) * sx_h + t[:, None] * sx_n + d[None, :],
                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float64)  # (BLOCK_T, BLOCK_D)
-        best = tl.maximum(best, tl.sum(x * x, axis=1))  # squares of bf16/fp32 values are exact in fp64
-    score = tl.sqrt(best).to(tl.float32)  # (BLOCK_T,); the fp64 square root is correctly rounded
-    tl.store(score_ptr + bg * P + t, score, mask=t_ok)
-    for lvl in tl.static_range(1, LEVELS):
-        # (BLOCK_T,) -> (BLOCK_T / p^lvl, p^lvl) -> max over each span
-        pooled = tl.max(tl.reshape(score, [BLOCK_T // POOL**lvl, POOL**lvl]), axis=1)
-        j = tl.program_id(1) * (BLOCK_T // POOL**lvl) + tl.arange(0, BLOCK_T // POOL**lvl).to(tl.int64)
-        tl.store(score_ptr + bg * P + _level_start(N, lvl, POOL) + j, pooled, mask=j < N // POOL**lvl)
+        best = tl.maximum(best, tl.sum(x * x, axis=1))
+    tl.store(score_ptr + bg * N + t, tl.sqrt(best).to(tl.float32), mask=t_ok)  # fp64 sqrt: correctly rounded
 
 
 @triton.jit
-def _pool_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, N, P_UP, D, HX: tl.constexpr, LEVELS: tl.constexpr,
+def _pool_kernel(src_ptr, ss_b, ss_h, ss_n, dst_ptr, sd_b, sd_h, sd_n, n_dst, D, HX: tl.constexpr,
                  POOL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Mean-pooled levels 1..L-1 of one head, for BLOCK_J coarsest entries (and everything below
-    them). Each level is the mean of its p children, read from the level below (level 0 is x):
-    plain row loads, no reshapes, and every finer level is still in cache when it is read."""
-    bh = tl.program_id(0).to(tl.int64)
+    """One level of ref_pyramid: dst[b, h, j] = mean of src[b, h, j*p .. j*p + p-1] (fp32 sums)."""
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b, h = bh // HX, bh % HX
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    for lvl in tl.static_range(1, LEVELS):
-        # this program's entries of level lvl: BLOCK_J * p^(L-1-lvl) of them
-        e = tl.program_id(1) * (BLOCK_J * POOL ** (LEVELS - 1 - lvl)) + \
-            tl.arange(0, BLOCK_J * POOL ** (LEVELS - 1 - lvl)).to(tl.int64)
-        ok = (e < N // POOL**lvl)[:, None] & d_ok[None, :]
-        acc = tl.zeros([BLOCK_J * POOL ** (LEVELS - 1 - lvl), BLOCK_D], dtype=tl.float32)
-        for c in tl.static_range(POOL):
-            child = e * POOL + c  # (entries,) index of the c-th child in level lvl-1
-            if lvl == 1:
-                rows = tl.load(x_ptr + b * sx_b + h * sx_h + child[:, None] * sx_n + d[None, :], mask=ok)
-            else:  # written just above by this program: bypass L1, read from L2
-                rows = tl.load(upper_ptr + (bh * P_UP + _level_start(N, lvl - 1, POOL) - N + child)[:, None] * D
-                               + d[None, :], mask=ok, cache_modifier=".cg")
-            acc += rows.to(tl.float32)
-        tl.store(upper_ptr + (bh * P_UP + _level_start(N, lvl, POOL) - N + e)[:, None] * D + d[None, :],
-                 (acc / POOL).to(upper_ptr.dtype.element_ty), mask=ok)
-        tl.debug_barrier()  # the next level reads rows that other threads of this program wrote
+    ok = (j < n_dst)[:, None] & (d < D)[None, :]
+    acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for c in range(POOL):
+        acc += tl.load(src_ptr + b * ss_b + h * ss_h + (j * POOL + c)[:, None] * ss_n + d[None, :],
+                       mask=ok).to(tl.float32)
+    tl.store(dst_ptr + b * sd_b + h * sd_h + j[:, None] * sd_n + d[None, :],
+             (acc / POOL).to(dst_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _kth_largest_key(key, K: tl.constexpr, NBITS: tl.constexpr):
-    """The K-th largest of non-negative, distinct int64 keys (-1 = absent), found bit by bit from
-    the top: the largest threshold with at least K keys at or above it. Needs only counts, no sort."""
-    threshold = tl.min(key, axis=0) * 0  # int64 scalar 0
+def _score_key(score, rank, RANK_BITS: tl.constexpr):
+    """An int64 key that orders candidates as ref_keep does: by fp32 score (any sign; -0.0 equals
+    +0.0), ties broken by the lower rank. Keys are >= 0 and distinct for distinct ranks.
+
+    The bit pattern of a float orders like its value only for non-negative floats; for negative
+    ones, flipping the 31 magnitude bits reverses their order below all non-negative ones."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648  # [0, 2^32)
+    return (ordered << RANK_BITS) | ((1 << RANK_BITS) - 1 - rank)
+
+
+@triton.jit
+def _candidate_keys(work_ptr, list_start, n, start, q_ptr, k_ptr, q_cut, BY_K: tl.constexpr,
+                    CHUNK: tl.constexpr, RANK_BITS: tl.constexpr):
+    """Keys of candidates start .. start+CHUNK-1 of a list of n pyramid indices in `work` (-1 past
+    the end): by q-score, or (BY_K) by k-score with those kept by q (key >= q_cut) left out."""
+    r = start + tl.arange(0, CHUNK).to(tl.int64)
+    ok = r < n
+    e = tl.load(work_ptr + list_start + r, mask=ok, other=0, cache_modifier=".cg")
+    key = _score_key(tl.load(q_ptr + e, mask=ok, other=0.0), r, RANK_BITS)
+    if BY_K:
+        key = tl.where(key >= q_cut, -1, _score_key(tl.load(k_ptr + e, mask=ok, other=0.0), r, RANK_BITS))
+    return tl.where(ok, key, -1)
+
+
+@triton.jit
+def _kth_largest(work_ptr, list_start, n, q_ptr, k_ptr, q_cut, BY_K: tl.constexpr, HALF: tl.constexpr,
+                 SINGLE: tl.constexpr, CHUNK: tl.constexpr, RANK_BITS: tl.constexpr):
+    """The HALF-th largest candidate key of a list (see _candidate_keys), found bit by bit from
+    the top: the largest threshold with at least HALF keys at or above it. Only counts, no sort.
+    SINGLE: the list fits one chunk, whose keys stay in registers; otherwise every bit re-reads
+    the list chunk by chunk, so a tile of any size fits in a program."""
+    NBITS: tl.constexpr = 32 + RANK_BITS
+    threshold = tl.zeros([], dtype=tl.int64)
+    if SINGLE:
+        key = _candidate_keys(work_ptr, list_start, n, 0, q_ptr, k_ptr, q_cut, BY_K, CHUNK, RANK_BITS)
     for i in range(NBITS):
         trial = threshold | (threshold * 0 + 1) << (NBITS - 1 - i)
-        enough = tl.sum((key >= trial).to(tl.int32), axis=0) >= K
-        threshold = tl.where(enough, trial, threshold)
+        if SINGLE:
+            count = tl.sum((key >= trial).to(tl.int32), axis=0)
+        else:
+            count = 0
+            for start in range(0, n, CHUNK):
+                chunk = _candidate_keys(work_ptr, list_start, n, start, q_ptr, k_ptr, q_cut, BY_K, CHUNK, RANK_BITS)
+                count += tl.sum((chunk >= trial).to(tl.int32), axis=0)
+        threshold = tl.where(count >= HALF, trial, threshold)
     return threshold
 
 
 @triton.jit
-def _keep(q_score, k_score, valid, rank, RANK_BITS: tl.constexpr):
-    """Triton twin of ref_keep: bool mask of the 64 best by q-score, then 64 best by k-score.
-
-    Key = (fp32 score bits << RANK_BITS) | (2^RANK_BITS - 1 - rank). Scores are >= 0, so their bit
-    patterns order like the values, and among equal scores the lower rank (index) wins.
-    """
-    NBITS: tl.constexpr = 31 + RANK_BITS
-    tie = (1 << RANK_BITS) - 1 - rank
-    q_key = tl.where(valid, (q_score.to(tl.int32, bitcast=True).to(tl.int64) << RANK_BITS) | tie, -1)
-    by_q = q_key >= _kth_largest_key(q_key, 64, NBITS)  # keys are distinct: exactly 64
-    k_key = tl.where(valid & ~by_q, (k_score.to(tl.int32, bitcast=True).to(tl.int64) << RANK_BITS) | tie, -1)
-    by_k = k_key >= _kth_largest_key(k_key, 64, NBITS)
-    return by_q | by_k
-
-
-@triton.jit
-def _emit(work_ptr, list_start, next_start, r, ok, j, kept, lvl: tl.constexpr,
-          LEVELS: tl.constexpr, POOL: tl.constexpr, N):
-    """Write this level's candidates as (causal key << 32 | pyramid index) at work[list_start + r],
-    and the pyramid indices of the kept ones' children, in order, at work[next_start + ...]."""
-    key = tl.where(kept, (j + 1) * POOL**lvl * LEVELS - LEVELS + lvl, j * POOL**lvl * LEVELS)
-    tl.store(work_ptr + list_start + r, (key << 32) | (_level_start(N, lvl, POOL) + j), mask=ok)
+def _select_level(work_ptr, list_start, n, q_ptr, k_ptr, N, lvl: tl.constexpr, LEVELS: tl.constexpr,
+                  POOL: tl.constexpr, HALF: tl.constexpr, SINGLE: tl.constexpr, CHUNK: tl.constexpr,
+                  RANK_BITS: tl.constexpr):
+    """One level of ref_select in one tile. The list work[list_start : list_start+n] holds this
+    level's candidates (pyramid indices, ascending); ref_keep's choice is made (no choice at
+    level 0: all leaves) and each candidate is overwritten in place by its code
+    (causal key << 32 | pyramid index). The kept candidates' children, ascending, are written as
+    the next list, right after this one."""
     if lvl > 0:
-        # the k-th kept entry's children go to slots k*p .. k*p + p-1 of the next list
-        slot = tl.cumsum(kept.to(tl.int64), axis=0) - 1  # (n,)
-        c = tl.arange(0, POOL)[None, :]
-        child = _level_start(N, lvl - 1, POOL) + j[:, None] * POOL + c  # (n, p)
-        tl.store(work_ptr + next_start + slot[:, None] * POOL + c, child, mask=(ok & kept)[:, None])
+        none = tl.full([], -1, dtype=tl.int64)
+        q_cut = _kth_largest(work_ptr, list_start, n, q_ptr, k_ptr, none, False, HALF, SINGLE, CHUNK, RANK_BITS)
+        k_cut = _kth_largest(work_ptr, list_start, n, q_ptr, k_ptr, q_cut, True, HALF, SINGLE, CHUNK, RANK_BITS)
+    next_start = list_start + n
+    written = next_start * 0  # children written so far
+    for start in range(0, n, CHUNK):
+        r = start + tl.arange(0, CHUNK).to(tl.int64)
+        ok = r < n
+        e = tl.load(work_ptr + list_start + r, mask=ok, other=0, cache_modifier=".cg")
+        j = e - _level_start(N, lvl, POOL)
+        if lvl > 0:
+            by_q = _score_key(tl.load(q_ptr + e, mask=ok, other=0.0), r, RANK_BITS) >= q_cut
+            by_k = _score_key(tl.load(k_ptr + e, mask=ok, other=0.0), r, RANK_BITS) >= k_cut
+            kept = ok & (by_q | by_k)
+        else:
+            kept = r < 0
+        key = tl.where(kept, (j + 1) * POOL**lvl * LEVELS - LEVELS + lvl, j * POOL**lvl * LEVELS)  # causal_key
+        tl.debug_barrier()  # every thread has read this chunk before it is overwritten
+        tl.store(work_ptr + list_start + r, (key << 32) | e, mask=ok)
+        if lvl > 0:
+            # the k-th kept entry's children go to slots k*p .. k*p + p-1 of the next list
+            slot = written + tl.cumsum(kept.to(tl.int64), axis=0) - 1  # (CHUNK,)
+            c = tl.arange(0, POOL)[None, :]
+            child = _level_start(N, lvl - 1, POOL) + j[:, None] * POOL + c  # (CHUNK, p)
+            tl.store(work_ptr + next_start + slot[:, None] * POOL + c, child, mask=kept[:, None])
+            written += tl.sum(kept.to(tl.int64), axis=0)
 
 
 @triton.jit
@@ -429,104 +589,100 @@ def _count_below(work_ptr, start, length, code, STEPS: tl.constexpr):
 
 @triton.jit
 def _select_kernel(q_score_ptr, k_score_ptr, idx_ptr, inv_ptr, work_ptr, N, P, M, N_TOP, TILE, N_TILES,
-                   LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_C: tl.constexpr, C_BITS: tl.constexpr,
-                   FINE_BITS: tl.constexpr):
-    """Selection and causal order for one (batch*kv head, tile).
+                   LEVELS: tl.constexpr, POOL: tl.constexpr, KEEP: tl.constexpr, HALF: tl.constexpr,
+                   CHUNK: tl.constexpr, TOP_SINGLE: tl.constexpr, TOP_BITS: tl.constexpr,
+                   FINE_SINGLE: tl.constexpr, FINE_BITS: tl.constexpr):
+    """Twin of ref_select for one (tile, batch*kv head): selection and causal order.
 
     Tiles own disjoint token ranges, so the global causal order is the tiles' orders one after
     another, and each tile's slice of the output has a size known in advance. Within a tile, the
     candidates of each level, emitted in ascending index order, are already in causal-key order
     (see causal_key), so the tile's order is a merge of L sorted lists: an entry's position is
     its rank in its own list plus, for every other list, the number of smaller keys there.
-    The lists live in `work` (same layout as idx), which also carries the children between levels.
+    The lists live in `work` (same layout as idx): list 0 holds the coarsest level's candidates,
+    list 1 the next level's (KEEP * p), and so on; every list is processed CHUNK entries at a time.
+    KEEP = TILE_KEEP and HALF = HALF_KEEP: entries kept per tile and level, and kept by each score.
     """
-    bg = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(0).to(tl.int64)
+    bg = tl.program_id(1).to(tl.int64)
     TOP: tl.constexpr = LEVELS - 1
-    FINE: tl.constexpr = 128 * POOL  # candidates at each finer level
-    n_top = tl.where(tile == N_TILES - 1, N_TOP - tile * TILE, TILE)  # last tile takes the rest
+    FINE: tl.constexpr = KEEP * POOL  # the candidates of each finer level: the kept entries' children
+    FINE_STEPS: tl.constexpr = FINE_BITS + 1  # halvings that empty a finer list in _count_below
+    n_top = tl.where(tile == N_TILES - 1, N_TOP - tile * TILE, TILE)  # the last tile takes the rest
     slice_start = bg * M + tile * (TILE + TOP * FINE)  # this tile's slice of idx and work
-    scores = bg * P
+    q_ptr, k_ptr = q_score_ptr + bg * P, k_score_ptr + bg * P
 
-    # Coarsest level: every entry of the tile is a candidate. List 0 of the slice.
-    r = tl.arange(0, BLOCK_C).to(tl.int64)
-    ok = r < n_top
-    j = tile * TILE + r
-    e = _level_start(N, TOP, POOL) + j
-    kept = _keep(tl.load(q_score_ptr + scores + e, mask=ok, other=0.0),
-                 tl.load(k_score_ptr + scores + e, mask=ok, other=0.0), ok, r, C_BITS)
-    _emit(work_ptr, slice_start, slice_start + n_top, r, ok, j, kept, TOP, LEVELS, POOL, N)
-
-    # Finer levels: the p children of each kept entry. List 1 + step, right after the previous.
-    r = tl.arange(0, FINE).to(tl.int64)
+    # List 0: every coarsest entry of the tile is a candidate.
+    for start in range(0, n_top, CHUNK):
+        r = start + tl.arange(0, CHUNK).to(tl.int64)
+        tl.store(work_ptr + slice_start + r, _level_start(N, TOP, POOL) + tile * TILE + r, mask=r < n_top)
+    tl.debug_barrier()
+    _select_level(work_ptr, slice_start, n_top, q_ptr, k_ptr, N, TOP, LEVELS, POOL, HALF, TOP_SINGLE, CHUNK, TOP_BITS)
     for lvl in tl.static_range(TOP - 1, -1, -1):
-        list_start = slice_start + n_top + (TOP - 1 - lvl) * FINE
         tl.debug_barrier()  # the children were stored by other threads
-        e = tl.load(work_ptr + list_start + r, cache_modifier=".cg")
-        j = e - _level_start(N, lvl, POOL)
-        if lvl > 0:
-            kept = _keep(tl.load(q_score_ptr + scores + e), tl.load(k_score_ptr + scores + e), r >= 0, r, FINE_BITS)
-        else:
-            kept = r < 0  # level 0: all leaves
-        tl.debug_barrier()  # all threads have read their candidates before the list is overwritten
-        _emit(work_ptr, list_start, list_start + FINE, r, r >= 0, j, kept, lvl, LEVELS, POOL, N)
+        list_start = slice_start + n_top + (TOP - 1 - lvl) * FINE
+        _select_level(work_ptr, list_start, FINE, q_ptr, k_ptr, N, lvl, LEVELS, POOL, HALF, FINE_SINGLE, CHUNK,
+                      FINE_BITS)
 
     # Merge the L sorted lists into causal order.
     tl.debug_barrier()
-    STEPS: tl.constexpr = max(C_BITS, FINE_BITS) + 1  # halvings that empty the longest list
     for a in tl.static_range(LEVELS):
-        if a == 0:
-            r = tl.arange(0, BLOCK_C).to(tl.int64)
-            ok, a_start = r < n_top, slice_start
-        else:
-            r = tl.arange(0, FINE).to(tl.int64)
-            ok, a_start = r >= 0, slice_start + n_top + (a - 1) * FINE
-        code = tl.load(work_ptr + a_start + r, mask=ok, other=0, cache_modifier=".cg")
-        pos = r
-        for b in tl.static_range(LEVELS):
-            if b != a:
-                if b == 0:
-                    pos += _count_below(work_ptr, slice_start, n_top, code, STEPS)
-                else:
-                    pos += _count_below(work_ptr, slice_start + n_top + (b - 1) * FINE, FINE, code, STEPS)
-        e = code & 0xFFFFFFFF
-        tl.store(idx_ptr + slice_start + pos, e, mask=ok)
-        tl.store(inv_ptr + scores + e, slice_start - bg * M + pos, mask=ok)
+        a_start = slice_start if a == 0 else slice_start + n_top + (a - 1) * FINE
+        a_len = n_top if a == 0 else N_TOP * 0 + FINE
+        for start in range(0, a_len, CHUNK):
+            r = start + tl.arange(0, CHUNK).to(tl.int64)
+            ok = r < a_len
+            code = tl.load(work_ptr + a_start + r, mask=ok, other=0, cache_modifier=".cg")
+            pos = r
+            for b in tl.static_range(LEVELS):
+                if b != a:
+                    if b == 0:
+                        pos += _count_below(work_ptr, slice_start, n_top, code, TOP_BITS + 1)
+                    else:
+                        pos += _count_below(work_ptr, slice_start + n_top + (b - 1) * FINE, FINE, code, FINE_STEPS)
+            e = code & 0xFFFFFFFF
+            tl.store(idx_ptr + slice_start + pos, e, mask=ok)
+            tl.store(inv_ptr + bg * P + e, slice_start - bg * M + pos, mask=ok)
 
 
 @triton.jit
-def _gather_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, idx_ptr, out_ptr, N, P_UP, M, D,
-                   H: tl.constexpr, HX: tl.constexpr, G: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, h, m] = pyramid row idx[b, group(h), m] of source head h // (H / HX): level-0 rows
-    come straight from x, coarser rows from `upper`."""
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // H, bh % H
-    src, g = h // (H // HX), h // (H // G)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+def _gather_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, idx_ptr, cos_ptr, sin_ptr, s_rope, out_ptr,
+                   N, P_UP, M, D, HX: tl.constexpr, G: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr,
+                   ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Twin of ref_gather (and, with ROPE, of ref_rope_at_span_end): out[b, h, m] = pyramid row
+    idx[b, group(h), m] of head h, level-0 rows straight from x, coarser rows from `upper`."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // HX, bh % HX
+    g = h // (HX // G)
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < M, d < D
     e = tl.load(idx_ptr + (b * G + g) * M + m, mask=m_ok, other=0)  # (BLOCK_M,) pyramid indices
     fine = e < N
-    rows = tl.load(x_ptr + b * sx_b + src * sx_h + e[:, None] * sx_n + d[None, :],
+    rows = tl.load(x_ptr + b * sx_b + h * sx_h + e[:, None] * sx_n + d[None, :],
                    mask=(m_ok & fine)[:, None] & d_ok[None, :], other=0.0)
-    coarse = tl.load(upper_ptr + ((b * HX + src) * P_UP + e - N)[:, None] * D + d[None, :],
+    coarse = tl.load(upper_ptr + (bh * P_UP + e - N)[:, None] * D + d[None, :],
                      mask=(m_ok & ~fine)[:, None] & d_ok[None, :], other=0.0)
-    tl.store(out_ptr + (bh * M + m)[:, None] * D + d[None, :], tl.where(fine[:, None], rows, coarse),
+    rows = tl.where(fine[:, None], rows, coarse)
+    if ROPE:
+        _, pos = _last_token(e, N, LEVELS, POOL)
+        rows = _rotate(rows.to(tl.float32), tl.where(m_ok, pos, -1), cos_ptr, sin_ptr, s_rope, D, 1, BLOCK_M, BLOCK_D)
+    tl.store(out_ptr + (bh * M + m)[:, None] * D + d[None, :], rows.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _gather_backward_kernel(grad_ptr, inv_ptr, dx_ptr, N, P, M, D,
-                            H: tl.constexpr, HX: tl.constexpr, G: tl.constexpr, LEVELS: tl.constexpr,
-                            POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Adjoint of pyramid + gather, fused: dx[t] = sum over levels of grad(entry containing t) / span,
-    summed over the query heads that read this source head. Each token is written once."""
-    bs = tl.program_id(0).to(tl.int64)
-    b, src = bs // HX, bs % HX
-    REP: tl.constexpr = H // HX  # output heads that gathered from this source head
-    g = (src * REP) // (H // G)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+def _gather_backward_kernel(grad_ptr, sg_b, sg_h, sg_m, inv_ptr, cos_ptr, sin_ptr, s_rope, dx_ptr,
+                            sdx_b, sdx_h, sdx_n, N, P, D, HX: tl.constexpr, G: tl.constexpr,
+                            LEVELS: tl.constexpr, POOL: tl.constexpr, ROPE: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Adjoint of pyramid + gather (+ rotation), fused: dx[t] = sum over levels of the gradient of
+    the entry containing t, rotated back by its angle, divided by its span. Each token is written
+    once."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // HX, bh % HX
+    g = h // (HX // G)
     d = tl.arange(0, BLOCK_D)
     t_ok, d_ok = t < N, d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -534,24 +690,27 @@ def _gather_backward_kernel(grad_ptr, inv_ptr, dx_ptr, N, P, M, D,
         # position in the gathered sequence of the level-lvl entry that contains t (-1: none)
         pos = tl.load(inv_ptr + (b * G + g) * P + _level_start(N, lvl, POOL) + t // POOL**lvl,
                       mask=t_ok, other=-1)
-        ok = (pos >= 0)[:, None] & d_ok[None, :]
-        for i in range(REP):
-            h = src * REP + i
-            acc += tl.load(grad_ptr + ((b * H + h) * M + pos)[:, None] * D + d[None, :], mask=ok,
-                           other=0.0).to(tl.float32) / POOL**lvl
-    tl.store(dx_ptr + (bs * N + t)[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty),
+        rows = tl.load(grad_ptr + b * sg_b + h * sg_h + pos[:, None] * sg_m + d[None, :],
+                       mask=(pos >= 0)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if ROPE:
+            span_end = (t // POOL**lvl + 1) * POOL**lvl - 1  # where that entry was rotated
+            rows = _rotate(rows, tl.where(pos >= 0, span_end, -1), cos_ptr, sin_ptr, s_rope, D, -1, BLOCK_T,
+                           BLOCK_D)
+        acc += rows / POOL**lvl
+    tl.store(dx_ptr + b * sdx_b + h * sdx_h + t[:, None] * sdx_n + d[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _scatter_kernel(attn_ptr, inv_ptr, out_ptr, N, P, M, D, H: tl.constexpr, G: tl.constexpr,
-                    LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t] = sum over levels of attn[entry (lvl, (t+1) // p^lvl - 1)] where selected: a gather
-    through the inverse map, so every output row is written once (no atomics)."""
-    bh = tl.program_id(0).to(tl.int64)
+def _scatter_kernel(attn_ptr, sa_b, sa_h, sa_m, inv_ptr, out_ptr, so_b, so_h, so_n, N, P, D,
+                    H: tl.constexpr, G: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Twin of ref_scatter: out[t] = sum over levels of attn[entry (lvl, (t+1) // p^lvl - 1)] where
+    selected: a gather through the inverse map, so every output row is written once (no atomics)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // (H // G)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     t_ok, d_ok = t < N, d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -559,83 +718,130 @@ def _scatter_kernel(attn_ptr, inv_ptr, out_ptr, N, P, M, D, H: tl.constexpr, G: 
         j = (t + 1) // POOL**lvl - 1  # most recently completed entry of this level
         pos = tl.load(inv_ptr + (b * G + g) * P + _level_start(N, lvl, POOL) + j,
                       mask=t_ok & (j >= 0), other=-1)
-        acc += tl.load(attn_ptr + (bh * M + pos)[:, None] * D + d[None, :],
+        acc += tl.load(attn_ptr + b * sa_b + h * sa_h + pos[:, None] * sa_m + d[None, :],
                        mask=(pos >= 0)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(out_ptr + (bh * N + t)[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + b * so_b + h * so_h + t[:, None] * so_n + d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _scatter_backward_kernel(grad_ptr, idx_ptr, dattn_ptr, N, M, D, H: tl.constexpr, G: tl.constexpr,
-                             LEVELS: tl.constexpr, POOL: tl.constexpr,
+def _scatter_backward_kernel(grad_ptr, sg_b, sg_h, sg_n, idx_ptr, dattn_ptr, N, M, D, H: tl.constexpr,
+                             G: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Adjoint of the scatter: d attn[m] = sum of grad over the window [a+c-1, a+2c-1) ∩ [0, N)
+    """Adjoint of ref_scatter: d attn[m] = sum of grad over the window [a+c-1, a+2c-1) ∩ [0, N)
     that entry idx[m] (covering [a, a+c)) fed."""
-    bh = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // (H // G)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < M, d < D
     e = tl.load(idx_ptr + (b * G + g) * M + m, mask=m_ok, other=0)
-    # decode the entry's level: span c = p^level and index j within the level
-    span = e * 0 + 1
-    j = e
-    for lvl in tl.static_range(1, LEVELS):
-        start = _level_start(N, lvl, POOL)
-        span = tl.where(e >= start, POOL**lvl, span)
-        j = tl.where(e >= start, e - start, j)
-    first = (j + 1) * span - 1  # the entry's own last token
+    span, first = _last_token(e, N, LEVELS, POOL)  # the window starts at the entry's own last token
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in range(POOL ** (LEVELS - 1)):  # the widest window; narrower entries mask the rest
         t = first + i
         ok = m_ok & (i < span) & (t < N)
-        acc += tl.load(grad_ptr + (bh * N + t)[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
+        acc += tl.load(grad_ptr + b * sg_b + h * sg_h + t[:, None] * sg_n + d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     tl.store(dattn_ptr + (bh * M + m)[:, None] * D + d[None, :], acc.to(dattn_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
 
 # Rows (tokens or entries) per program. Triton's CPU interpreter runs every program as Python,
 # so there fewer, larger programs keep the tests fast; on a GPU, 64 rows of 128 dims fill a program.
-ROWS = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+ROWS = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+# Candidates the selection kernel handles at once; a tile's list longer than this is read in chunks.
+SELECT_CHUNK = 2048
 
 
-def _token_block(levels, pool):
-    # a power of two holding whole coarsest spans, so that every pooled entry is in one program
-    return max(ROWS, pool ** (levels - 1))
+def _grid(n_rows, rows_per_program, n_heads):
+    """Launch grid: blocks of rows on axis 0 (at most 2^31 - 1), batch * heads on axis 1 (at most
+    65535, checked by lighthouse_triton before any launch)."""
+    return (triton.cdiv(n_rows, rows_per_program), n_heads)
 
 
-def _strides(x):
-    if x.stride(3) != 1:
-        x = x.contiguous()
-    return x, x.stride(0), x.stride(1), x.stride(2)
+def _on_device(t):
+    """Launch on t's GPU even when another one is current (a no-op on the CPU interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def triton_pyramid(x, n_groups, levels, pool, with_scores):
-    """x (B, Hx, N, D) -> upper pyramid (B, Hx, P - N, D) in x's dtype and, if with_scores, the
-    score pyramid (B, G, P) in fp32 (max over the kv group's heads)."""
-    x, sb, sh, sn = _strides(x)
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def triton_pyramid(x, levels, pool):
+    """Twin of ref_pyramid, levels 1..L-1 only: x (B, Hx, N, D) -> upper (B, Hx, P - N, D) in x's
+    dtype. Level 0 is x itself, which the gather reads directly."""
+    x = _last_dim_contiguous(x)
     B, HX, N, D = x.shape
-    _, P = level_offsets(N, levels, pool)
-    block_d = triton.next_power_of_2(D)
+    offsets, P = level_offsets(N, levels, pool)
     upper = torch.empty(B, HX, P - N, D, dtype=x.dtype, device=x.device)
-    coarsest = max(1, 4 * ROWS // pool ** (levels - 1))  # coarsest entries per program: ~256 tokens
-    _pool_kernel[(B * HX, triton.cdiv(N // pool ** (levels - 1), coarsest))](
-        x, sb, sh, sn, upper, N, P - N, D, HX=HX, LEVELS=levels, POOL=pool, BLOCK_J=coarsest, BLOCK_D=block_d,
-        num_warps=4)
-    if not with_scores:
-        return upper, None
-    scores = torch.empty(B, n_groups, P, dtype=torch.float32, device=x.device)
-    block = _token_block(levels, pool)
-    _score_kernel[(B * n_groups, triton.cdiv(N, block))](
-        x, sb, sh, sn, scores, N, P, D, G=n_groups, GROUP=HX // n_groups, LEVELS=levels, POOL=pool,
-        BLOCK_T=block, BLOCK_D=block_d, num_warps=4)
-    return upper, scores
+    finer = x
+    with _on_device(x):
+        for lvl in range(1, levels):
+            level = upper[:, :, offsets[lvl] - N:offsets[lvl] - N + N // pool**lvl]  # a view of this level
+            _pool_kernel[_grid(level.shape[2], ROWS, B * HX)](
+                finer, *finer.stride()[:3], level, *level.stride()[:3], level.shape[2], D, HX=HX, POOL=pool,
+                BLOCK_J=ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+            finer = level
+    return upper
+
+
+@torch.library.custom_op("lighthouse::norm_scores", mutates_args=())
+def triton_norm_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Twin of ref_norm_scores: (B, G, N) fp32 q-scores and k-scores."""
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    B, H, N, D = q.shape
+    G = k.shape[1]
+    scores = []
+    with _on_device(q):
+        for x in (q, k):
+            score = torch.empty(B, G, N, dtype=torch.float32, device=x.device)
+            _norm_score_kernel[_grid(N, ROWS, B * G)](
+                x, *x.stride()[:3], score, N, D, G=G, GROUP=x.shape[1] // G, BLOCK_T=ROWS,
+                BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+            scores.append(score)
+    return scores[0], scores[1]
+
+
+@triton_norm_scores.register_fake
+def _(q, k):
+    B, _, N, _ = q.shape
+    return q.new_empty(B, k.shape[1], N, dtype=torch.float32), q.new_empty(B, k.shape[1], N, dtype=torch.float32)
 
 
 @torch.no_grad()
-def triton_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
+def triton_dilated_scores(q, k, v, dilation):
+    """Twin of ref_dilated_scores: the two strided attention passes through SDPA (cuDNN or flash)
+    in the input dtype, the norms in fp32.
+
+    Seen as (B, N/d, d, heads, D), a (B, N, heads, D) tensor is already phase-major: merging the
+    (d, heads) dims gives d*heads independent "heads" of N/d positions each, phase r's copy of
+    head h at index r*heads + h. With that order a query head's kv head is found by SDPA's own
+    grouped-query rule (index // (H/G)), so a_qk needs no copies of k and v."""
+    B, H, N, D = q.shape
+    G = k.shape[1]
+
+    def phases(x):  # (B, h, N, D) -> (B, d*h, N/d, D); a view when x is laid out as (B, N, h, D)
+        h = x.shape[1]
+        return x.transpose(1, 2).reshape(B, N // dilation, dilation * h, D).transpose(1, 2)
+
+    def token_scores(a):  # (B, d*H, N/d, D) -> fp32 norms in position order, max over groups (B, G, N)
+        norms = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32)  # (B, d*H, N/d)
+        norms = norms.view(B, dilation, H, N // dilation).permute(0, 2, 3, 1).reshape(B, H, N)
+        return _max_over_group(norms, G)
+
+    a_qk = F.scaled_dot_product_attention(phases(q), phases(k), phases(v), is_causal=True, enable_gqa=G != H)
+    # keys over queries: each query head reads its own keys, so k and v go to every query head
+    k_all, v_all = (x.repeat_interleave(H // G, dim=1) for x in (k, v))  # (B, H, N, D)
+    a_kq = F.scaled_dot_product_attention(phases(k_all), phases(q), phases(v_all), is_causal=True)
+    return token_scores(a_qk), token_scores(a_kq)
+
+
+@torch.library.custom_op("lighthouse::select", mutates_args=())
+def triton_select(q_score_pyr: Tensor, k_score_pyr: Tensor, seq_len: int, levels: int, pool: int,
+                  topk: int) -> tuple[Tensor, Tensor]:
     """Twin of ref_select on score pyramids (B, G, P). Returns the selected pyramid indices in
     causal order (B, G, M) int64 and the inverse map (B, G, P) int64."""
     B, G, P = q_score_pyr.shape
@@ -643,94 +849,182 @@ def triton_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
     n_top = seq_len // pool ** (levels - 1)
     n_tiles = topk // TILE_KEEP
     tile = n_top // n_tiles
+    widest = tile + n_top % n_tiles  # the last tile's coarsest candidates
+    fine = TILE_KEEP * pool
+    chunk = min(SELECT_CHUNK, triton.next_power_of_2(max(widest, fine)))
     idx = torch.empty(B, G, M, dtype=torch.int64, device=q_score_pyr.device)
     work = torch.empty_like(idx)  # per-level candidate lists, see _select_kernel
     inv = torch.full((B, G, P), -1, dtype=torch.int64, device=q_score_pyr.device)
-    widest = triton.next_power_of_2(tile + n_top % n_tiles)  # the last tile's coarsest candidates
-    _select_kernel[(B * G, n_tiles)](
-        q_score_pyr.contiguous(), k_score_pyr.contiguous(), idx, inv, work, seq_len, P, M, n_top, tile,
-        n_tiles, LEVELS=levels, POOL=pool, BLOCK_C=widest, C_BITS=widest.bit_length() - 1,
-        FINE_BITS=(TILE_KEEP * pool).bit_length() - 1, num_warps=8)
+    with _on_device(q_score_pyr):
+        _select_kernel[(n_tiles, B * G)](
+            q_score_pyr.contiguous(), k_score_pyr.contiguous(), idx, inv, work, seq_len, P, M, n_top, tile,
+            n_tiles, LEVELS=levels, POOL=pool, KEEP=TILE_KEEP, HALF=HALF_KEEP, CHUNK=chunk, TOP_SINGLE=widest <= chunk,
+            TOP_BITS=triton.next_power_of_2(widest).bit_length() - 1, FINE_SINGLE=fine <= chunk,
+            FINE_BITS=fine.bit_length() - 1, num_warps=8)
     return idx, inv
 
 
-class _PyramidGather(torch.autograd.Function):
-    """Gather the selected pyramid rows of x for every output head: (B, Hx, N, D) -> (B, H, M, D).
-    `upper` must be triton_pyramid(x)'s pooled levels; the backward differentiates through the
-    pooling too, so x gets the whole gradient."""
+@triton_select.register_fake
+def _(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
+    B, G, P = q_score_pyr.shape
+    M = gathered_length(seq_len, levels, pool, topk)
+    return (q_score_pyr.new_empty(B, G, M, dtype=torch.int64), q_score_pyr.new_empty(B, G, P, dtype=torch.int64))
 
-    @staticmethod
-    def forward(ctx, x, upper, idx, inv, n_heads, levels, pool):
-        x, sb, sh, sn = _strides(x)
-        B, HX, N, D = x.shape
-        G, M = idx.shape[1], idx.shape[2]
-        out = torch.empty(B, n_heads, M, D, dtype=x.dtype, device=x.device)
-        block = ROWS
-        _gather_kernel[(B * n_heads, triton.cdiv(M, block))](
-            x, sb, sh, sn, upper, idx, out, N, upper.shape[2], M, D, H=n_heads, HX=HX, G=G,
-            BLOCK_M=block, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-        ctx.save_for_backward(inv)
-        ctx.shape, ctx.dtype, ctx.levels, ctx.pool = x.shape, x.dtype, levels, pool
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        (inv,) = ctx.saved_tensors
-        B, HX, N, D = ctx.shape
-        H, M = grad.shape[1], grad.shape[2]
-        dx = torch.empty(B, HX, N, D, dtype=ctx.dtype, device=grad.device)
-        block = ROWS
-        _gather_backward_kernel[(B * HX, triton.cdiv(N, block))](
-            grad.contiguous(), inv, dx, N, inv.shape[2], M, D, H=H, HX=HX, G=inv.shape[1],
-            LEVELS=ctx.levels, POOL=ctx.pool, BLOCK_T=block, BLOCK_D=triton.next_power_of_2(D),
+def _rope_args(x, cos, sin):
+    """Kernel arguments for the optional rotation tables (x stands in when there are none)."""
+    if cos is None:
+        return x, x, 0
+    return cos.contiguous(), sin.contiguous(), cos.shape[1]
+
+
+@torch.library.custom_op("lighthouse::gather", mutates_args=())
+def triton_gather(x: Tensor, idx: Tensor, inv: Tensor, levels: int, pool: int, cos: Optional[Tensor],
+                  sin: Optional[Tensor]) -> Tensor:
+    """Twin of ref_pyramid + ref_gather (+ ref_rope_at_span_end when cos, sin are given):
+    x (B, Hx, N, D) -> the selected pyramid rows of every head (B, Hx, M, D). Differentiable in x;
+    the backward differentiates through the pooling and the rotation too."""
+    x = _last_dim_contiguous(x)
+    B, HX, N, D = x.shape
+    G, M = idx.shape[1], idx.shape[2]
+    upper = triton_pyramid(x, levels, pool)
+    out = torch.empty(B, HX, M, D, dtype=x.dtype, device=x.device)
+    with _on_device(x):
+        _gather_kernel[_grid(M, ROWS, B * HX)](
+            x, *x.stride()[:3], upper, idx, *_rope_args(x, cos, sin), out, N, upper.shape[2], M, D, HX=HX, G=G,
+            LEVELS=levels, POOL=pool, ROPE=cos is not None, BLOCK_M=ROWS, BLOCK_D=triton.next_power_of_2(D),
             num_warps=4)
-        return dx, None, None, None, None, None, None
+    return out
 
 
-class _CausalScatter(torch.autograd.Function):
-    """attn (B, H, M, D) -> out (B, H, N, D) with the causal shift (see ref_scatter)."""
-
-    @staticmethod
-    def forward(ctx, attn, idx, inv, seq_len, levels, pool):
-        attn = attn.contiguous()
-        B, H, M, D = attn.shape
-        out = torch.empty(B, H, seq_len, D, dtype=attn.dtype, device=attn.device)
-        block = ROWS
-        _scatter_kernel[(B * H, triton.cdiv(seq_len, block))](
-            attn, inv, out, seq_len, inv.shape[2], M, D, H=H, G=inv.shape[1], LEVELS=levels, POOL=pool,
-            BLOCK_T=block, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-        ctx.save_for_backward(idx)
-        ctx.levels, ctx.pool, ctx.dtype = levels, pool, attn.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        B, H, N, D = grad.shape
-        M = idx.shape[2]
-        dattn = torch.empty(B, H, M, D, dtype=ctx.dtype, device=grad.device)
-        block = ROWS
-        _scatter_backward_kernel[(B * H, triton.cdiv(M, block))](
-            grad.contiguous(), idx, dattn, N, M, D, H=H, G=idx.shape[1], LEVELS=ctx.levels, POOL=ctx.pool,
-            BLOCK_M=block, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-        return dattn, None, None, None, None, None
+@triton_gather.register_fake
+def _(x, idx, inv, levels, pool, cos, sin):
+    return x.new_empty(x.shape[0], x.shape[1], idx.shape[2], x.shape[3])
 
 
-def lighthouse_triton(q, k, v, levels, pool, topk):
+def _like_layout(shape, seq_major, dtype, device):
+    """An empty (B, h, n, D) tensor laid out as (B, n, h, D) in memory if seq_major."""
+    B, h, n, D = shape
+    if seq_major:
+        return torch.empty(B, n, h, D, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(B, h, n, D, dtype=dtype, device=device)
+
+
+@torch.library.custom_op("lighthouse::gather_backward", mutates_args=())
+def _gather_backward(grad: Tensor, inv: Tensor, x_shape: list[int], seq_major: bool, levels: int, pool: int,
+                     cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+    grad = _last_dim_contiguous(grad)
+    B, HX, N, D = x_shape
+    # dx in x's layout: a model that made x as a transposed (B, N, h, D) tensor gets its gradient
+    # back without a copy
+    dx = _like_layout(x_shape, seq_major, grad.dtype, grad.device)
+    with _on_device(grad):
+        _gather_backward_kernel[_grid(N, ROWS, B * HX)](
+            grad, *grad.stride()[:3], inv, *_rope_args(grad, cos, sin), dx, *dx.stride()[:3], N, inv.shape[2], D,
+            HX=HX, G=inv.shape[1], LEVELS=levels, POOL=pool, ROPE=cos is not None, BLOCK_T=ROWS,
+            BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return dx
+
+
+@_gather_backward.register_fake
+def _(grad, inv, x_shape, seq_major, levels, pool, cos, sin):
+    return _like_layout(x_shape, seq_major, grad.dtype, grad.device)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, idx, inv, levels, pool, cos, sin = inputs
+    ctx.save_for_backward(inv, cos, sin)
+    ctx.x_shape, ctx.seq_major = list(x.shape), x.stride(2) > x.stride(1)
+    ctx.levels, ctx.pool = levels, pool
+
+
+def _gather_grad(ctx, grad):
+    inv, cos, sin = ctx.saved_tensors
+    dx = _gather_backward(grad, inv, ctx.x_shape, ctx.seq_major, ctx.levels, ctx.pool, cos, sin)
+    return dx, None, None, None, None, None, None
+
+
+triton_gather.register_autograd(_gather_grad, setup_context=_gather_setup)
+
+
+@torch.library.custom_op("lighthouse::scatter", mutates_args=())
+def triton_scatter(attn: Tensor, idx: Tensor, inv: Tensor, seq_len: int, levels: int, pool: int) -> Tensor:
+    """Twin of ref_scatter: attn (B, H, M, D) -> out (B, H, N, D) with the causal shift. out is laid
+    out as (B, N, H, D) in memory, so the model's transpose back to (B, N, H*D) is free."""
+    attn = _last_dim_contiguous(attn)
+    B, H, M, D = attn.shape
+    out = _like_layout((B, H, seq_len, D), True, attn.dtype, attn.device)
+    with _on_device(attn):
+        _scatter_kernel[_grid(seq_len, ROWS, B * H)](
+            attn, *attn.stride()[:3], inv, out, *out.stride()[:3], seq_len, inv.shape[2], D, H=H, G=inv.shape[1],
+            LEVELS=levels, POOL=pool, BLOCK_T=ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return out
+
+
+@triton_scatter.register_fake
+def _(attn, idx, inv, seq_len, levels, pool):
+    B, H, M, D = attn.shape
+    return _like_layout((B, H, seq_len, D), True, attn.dtype, attn.device)
+
+
+@torch.library.custom_op("lighthouse::scatter_backward", mutates_args=())
+def _scatter_backward(grad: Tensor, idx: Tensor, levels: int, pool: int) -> Tensor:
+    grad = _last_dim_contiguous(grad)  # read through its strides: the model's gradient is transposed
+    B, H, N, D = grad.shape
+    M = idx.shape[2]
+    dattn = torch.empty(B, H, M, D, dtype=grad.dtype, device=grad.device)
+    with _on_device(grad):
+        _scatter_backward_kernel[_grid(M, ROWS, B * H)](
+            grad, *grad.stride()[:3], idx, dattn, N, M, D, H=H, G=idx.shape[1], LEVELS=levels, POOL=pool,
+            BLOCK_M=ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return dattn
+
+
+@_scatter_backward.register_fake
+def _(grad, idx, levels, pool):
+    B, H, N, D = grad.shape
+    return grad.new_empty(B, H, idx.shape[2], D)
+
+
+def _scatter_setup(ctx, inputs, output):
+    attn, idx, inv, seq_len, levels, pool = inputs
+    ctx.save_for_backward(idx)
+    ctx.levels, ctx.pool = levels, pool
+
+
+def _scatter_grad(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return _scatter_backward(grad, idx, ctx.levels, ctx.pool), None, None, None, None, None
+
+
+triton_scatter.register_autograd(_scatter_grad, setup_context=_scatter_setup)
+
+
+def triton_token_scores(q, k, v, scorer="norm", dilation=4):
+    """Twin of ref_token_scores: (B, H_kv, N) q-scores and k-scores, fp32, no gradient."""
+    q, k, v = q.detach(), k.detach(), v.detach()
+    return triton_dilated_scores(q, k, v, dilation) if scorer == "dilated" else triton_norm_scores(q, k)
+
+
+def lighthouse_triton(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None):
     """The whole layer with Triton kernels around torch SDPA. Same contract as lighthouse_reference."""
-    _check_qkv(q, k, v, levels, pool, topk)
+    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope)
     B, H, N, D = q.shape
     G = k.shape[1]
-    q_up, q_score = triton_pyramid(q, G, levels, pool, with_scores=True)  # (B, H, P-N, D), (B, G, P)
-    k_up, k_score = triton_pyramid(k, G, levels, pool, with_scores=True)
-    v_up, _ = triton_pyramid(v, G, levels, pool, with_scores=False)
+    if B * H > MAX_GRID_HEADS:
+        raise ValueError(f"batch * n_head = {B * H} is more than the {MAX_GRID_HEADS} programs a GPU grid allows "
+                         f"on its second axis; use at most {MAX_GRID_HEADS // H} sequences per call")
+    q_tok, k_tok = triton_token_scores(q, k, v, scorer, dilation)  # (B, G, N) each
+    q_score = ref_score_pyramid(q_tok, levels, pool)  # (B, G, P): exact max-pools
+    k_score = ref_score_pyramid(k_tok, levels, pool)
     idx, inv = triton_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M), (B, G, P)
-    # k and v are gathered straight into every query head's slot: SDPA sees plain (B, H, M, D)
-    q_sel = _PyramidGather.apply(q, q_up, idx, inv, H, levels, pool)
-    k_sel = _PyramidGather.apply(k, k_up, idx, inv, H, levels, pool)
-    v_sel = _PyramidGather.apply(v, v_up, idx, inv, H, levels, pool)
-    attn = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True)  # (B, H, M, D)
-    return _CausalScatter.apply(attn, idx, inv, N, levels, pool)
+    cos, sin = rope if rope is not None else (None, None)
+    q_sel = triton_gather(q, idx, inv, levels, pool, cos, sin)  # (B, H, M, D)
+    k_sel = triton_gather(k, idx, inv, levels, pool, cos, sin)  # (B, G, M, D)
+    v_sel = triton_gather(v, idx, inv, levels, pool, None, None)
+    # SDPA's own grouped-query attention: k and v stay at G heads, not copied to all H
+    attn = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True, enable_gqa=G != H)  # (B, H, M, D)
+    return triton_scatter(attn, idx, inv, N, levels, pool)
 
 
 # -----------------------------------------------------------------------------
@@ -746,22 +1040,30 @@ def _pick_impl(impl, tensor):
 
 
 def lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm", dilation=4, rope=None):
-    """Lighthouse attention. q (B, H, N, D), k, v (B, H_kv, N, D), after RoPE -> (B, H, N, D).
+    """Lighthouse attention. q (B, H, N, D), k, v (B, H_kv, N, D) -> (B, H, N, D).
 
     impl: "torch" (the reference), "triton", or None for Triton on CUDA and the reference on CPU.
+    scorer: "norm" (the paper's main text) or "dilated" (with `dilation` interleaved phases).
+    rope: None if q and k arrive rotated by RoPE (the paper), or the tables (cos, sin), each
+    (>= N, D/2) in the pair convention of rope_rotate, if q and k arrive raw: then each selected
+    entry is rotated at the last token of its span.
     """
-    if scorer != "norm" or rope is not None:
-        raise NotImplementedError("the dilated scorer and RoPE at the span end are not built yet")
     if _pick_impl(impl, q) == "triton":
-        return lighthouse_triton(q, k, v, levels, pool, topk)
-    return lighthouse_reference(q, k, v, levels, pool, topk)
+        return lighthouse_triton(q, k, v, levels, pool, topk, scorer, dilation, rope)
+    return lighthouse_reference(q, k, v, levels, pool, topk, scorer, dilation, rope)
 
 
 def lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None):
-    """The selection on its own: per-token fp32 scores (B, H_kv, N) -> the selected entries in
-    causal order as int64 indices (B, H_kv, M) into the concatenated pyramid layout."""
+    """The selection on its own: per-token scores (B, H_kv, N) (any finite or infinite floats)
+    -> the selected entries in causal order as int64 indices (B, H_kv, M) into the concatenated
+    pyramid layout."""
     N = q_scores.shape[-1]
     check_lighthouse_config(N, levels, pool, topk)
+    if q_scores.shape != k_scores.shape or q_scores.dim() != 3:
+        raise ValueError(f"q_scores and k_scores must both be (B, H_kv, N); got {tuple(q_scores.shape)} "
+                         f"and {tuple(k_scores.shape)}")
+    if torch.isnan(q_scores).any() or torch.isnan(k_scores).any():
+        raise ValueError("scores contain NaN, which has no place in an order: fix the scores first")
     q_pyr = ref_score_pyramid(q_scores.float(), levels, pool)  # (B, G, P): max-pools, exact
     k_pyr = ref_score_pyramid(k_scores.float(), levels, pool)
     if _pick_impl(impl, q_scores) == "triton":

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lighthouse_kernel import check_lighthouse_config, gathered_length, lighthouse_attention
+from lighthouse_kernel import check_lighthouse_config, gathered_length, lighthouse_attention, rope_rotate
 
 
 @dataclass
@@ -133,10 +133,8 @@ def rope_tables(head_dim, length, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each consecutive pair of x (B, H, T, hd) by its position's angle."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, hd/2)
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (B, H, T, hd)
+    """Rotate each consecutive pair of x (B, T, heads, hd) by its position's angle; cos, sin (T, hd/2)."""
+    return rope_rotate(x, cos[:, None, :], sin[:, None, :])  # the tables broadcast over the heads
 
 
 class Attention(nn.Module):
@@ -153,21 +151,24 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
         c = self.config
-        # (B, T, heads * hd) -> (B, T, heads, hd) -> (B, heads, T, hd)
-        q = self.wq(x).view(B, T, c.n_head, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, c.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, c.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.use_lighthouse and c.lh_rope == "span_end":
+        # (B, T, heads * hd) -> (B, T, heads, hd)
+        q = self.wq(x).view(B, T, c.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, c.n_kv_head, self.head_dim)
+        v = self.wv(x).view(B, T, c.n_kv_head, self.head_dim)
+        span_end = self.use_lighthouse and c.lh_rope == "span_end"
+        if not span_end:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # (B, T, heads, hd) -> (B, heads, T, hd): views; attention reads them in this layout
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if span_end:
             # raw q, k: the layer pools them and rotates each selected entry at its span's last token
             y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
                                      dilation=c.lh_dilation, rope=(cos, sin))
+        elif self.use_lighthouse:
+            y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
+                                     dilation=c.lh_dilation)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if self.use_lighthouse:
-                y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
-                                         dilation=c.lh_dilation)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, hd) -> (B, T, H * hd)
 
 

@@ -1,7 +1,7 @@
 """
 Tests of the Lighthouse layer: the Triton path against the plain-PyTorch reference, step by step
-and whole, plus the properties the method promises (partition, order, causality, closed-form
-scatter) and the domain errors.
+and whole, for both scorers and both RoPE placements, plus the properties the method promises
+(partition, order, causality, closed-form scatter), the domain errors and the launch limits.
 
     python -m pytest -q                       # CPU: Triton interpreter, fp32, small shapes
     python -m pytest -q test_lighthouse.py    # on a GPU the same file also runs bf16, long lengths
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lighthouse_kernel as lk
+from model import rope_tables
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -20,8 +21,8 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 # (B, H, H_kv, N, D, levels, pool, topk)
 CPU_CASES = [
-    (1, 4, 2, 2048, 16, 2, 4, 128),  # one tile, GQA 2:1
-    (2, 4, 2, 1036, 16, 3, 2, 256),  # two tiles, ragged last tile (259 = 129 + 130 coarsest entries)
+    (2, 4, 2, 2048, 16, 2, 4, 128),  # one tile, GQA 2:1, two sequences
+    (1, 4, 2, 1036, 16, 3, 2, 256),  # two tiles, ragged last tile (259 = 129 + 130 coarsest entries)
     (1, 2, 1, 2560, 32, 3, 4, 128),  # all query heads share one kv head
     (1, 3, 3, 1048, 24, 4, 2, 128),  # four levels, head dim not a power of two
 ]
@@ -31,6 +32,8 @@ GPU_CASES = [
     (1, 4, 4, 33360, 64, 3, 4, 1536),
 ]
 CASES = CPU_CASES + (GPU_CASES if CUDA else [])
+# (scorer, RoPE at the span end?)
+VARIANTS = [("norm", False), ("norm", True), ("dilated", False), ("dilated", True)]
 FP32_TOL = 1e-5  # relative error between paths that differ only in summation order
 BF16_TOL = 1e-2  # relative error of the bf16 Triton path against the fp32 reference
 
@@ -38,6 +41,11 @@ BF16_TOL = 1e-2  # relative error of the bf16 Triton path against the fp32 refer
 def case_id(case):
     B, H, G, N, D, L, p, K = case
     return f"B{B}-H{H}-kv{G}-N{N}-D{D}-L{L}-p{p}-k{K}"
+
+
+def variant_id(variant):
+    scorer, span_end = variant
+    return scorer + ("-span_end" if span_end else "")
 
 
 def random_qkv(case, dtype=torch.float32, seed=None, requires_grad=False):
@@ -52,6 +60,11 @@ def random_qkv(case, dtype=torch.float32, seed=None, requires_grad=False):
         return (x * scale).to(dtype).requires_grad_(requires_grad)
 
     return draw(H), draw(G), draw(G)
+
+
+def tables(N, D):
+    """The model's RoPE tables (cos, sin), each (N, D/2), on DEVICE."""
+    return tuple(t.to(DEVICE) for t in rope_tables(D, N, 10000.0))
 
 
 def rel_err(a, b):
@@ -78,23 +91,59 @@ def coverage(start, end, N):
     return steps.cumsum(0)[:N]
 
 
+def shared_dilated_scores(monkeypatch):
+    """Let the Triton path use the reference's dilated scores (fp32). The two compute the same
+    scores only up to rounding, and a near-tie could then select differently; this isolates
+    the rest of the layer. The scores themselves are compared in test_dilated_scores_*."""
+    monkeypatch.setattr(lk, "triton_dilated_scores",
+                        lambda q, k, v, dilation: lk.ref_dilated_scores(q.float(), k.float(), v.float(), dilation))
+
+
 # -----------------------------------------------------------------------------
 # Each step: Triton against the reference
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_pyramid_and_scores_match_reference(case):
+def test_pyramid_and_norm_scores_match_reference(case):
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case)
-    q_up, q_score = lk.triton_pyramid(q, G, L, p, with_scores=True)
-    k_up, k_score = lk.triton_pyramid(k, G, L, p, with_scores=True)
-    q_ref, k_ref = lk.ref_pyramid(q, L, p), lk.ref_pyramid(k, L, p)
-    assert rel_err(q_up, q_ref[:, :, N:]) < FP32_TOL
-    assert rel_err(k_up, k_ref[:, :, N:]) < FP32_TOL
-    q_tok, k_tok = lk.ref_token_scores(q, k)
+    for x in (q, k, q.transpose(1, 2).contiguous().transpose(1, 2)):  # the last one laid out as (B, N, H, D)
+        assert rel_err(lk.triton_pyramid(x, L, p), lk.ref_pyramid(x, L, p)[:, :, N:]) < FP32_TOL
     # the scores must be bitwise equal, or the two paths could select different entries
-    assert torch.equal(q_score, lk.ref_score_pyramid(q_tok, L, p))
-    assert torch.equal(k_score, lk.ref_score_pyramid(k_tok, L, p))
+    for ours, ref in zip(lk.triton_norm_scores(q, k), lk.ref_norm_scores(q, k)):
+        assert ours.shape == (B, G, N) and torch.equal(ours, ref)
+
+
+def test_dilated_scores_reference_equals_a_naive_loop():
+    """ref_dilated_scores against the definition, one (head, position) at a time."""
+    B, H, G, N, D, dilation = 1, 4, 2, 24, 8, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(B, H, N, D, generator=gen), torch.randn(B, G, N, D, generator=gen), \
+        torch.randn(B, G, N, D, generator=gen)
+    q_score, k_score = lk.ref_dilated_scores(q, k, v, dilation)
+    expected_q, expected_k = torch.zeros(B, H, N), torch.zeros(B, H, N)
+    for h in range(H):
+        g = h // (H // G)
+        for t in range(N):
+            s = torch.arange(t % dilation, t + 1, dilation)  # t's phase, up to t
+            weights = torch.softmax(k[0, g, s] @ q[0, h, t] / math.sqrt(D), dim=0)
+            expected_q[0, h, t] = (weights @ v[0, g, s]).norm()
+            weights = torch.softmax(q[0, h, s] @ k[0, g, t] / math.sqrt(D), dim=0)
+            expected_k[0, h, t] = (weights @ v[0, g, s]).norm()
+    expected_q, expected_k = (x.view(B, G, H // G, N).amax(2) for x in (expected_q, expected_k))
+    assert rel_err(q_score, expected_q) < FP32_TOL and rel_err(k_score, expected_k) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []), ids=str)
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_dilated_scores_match_reference(case, dtype):
+    B, H, G, N, D, L, p, K = case
+    q, k, v = random_qkv(case, dtype=dtype)
+    ours = lk.triton_dilated_scores(q, k, v, 4)
+    ref = lk.ref_dilated_scores(q.float(), k.float(), v.float(), 4)
+    for o, r in zip(ours, ref):
+        assert o.dtype == torch.float32 and o.shape == (B, G, N)
+        assert rel_err(o, r) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "many-ties"])
@@ -103,7 +152,7 @@ def test_selection_matches_reference(case, ties):
     B, H, G, N, D, L, p, K = case
     q_scores = torch.rand(B, G, N, device=DEVICE) * 10
     k_scores = torch.rand(B, G, N, device=DEVICE) * 10
-    if ties:  # only 8 distinct values: the lower index must win every tie, in both paths
+    if ties:  # only 10 distinct values: the lower index must win every tie, in both paths
         q_scores, k_scores = q_scores.floor(), k_scores.floor()
     ours = lk.lighthouse_select(q_scores, k_scores, L, p, K, impl="triton")
     ref = lk.lighthouse_select(q_scores, k_scores, L, p, K, impl="torch")
@@ -111,46 +160,110 @@ def test_selection_matches_reference(case, ties):
     assert torch.equal(ours, ref)
 
 
+def test_selection_in_chunks_matches_reference(monkeypatch):
+    """Tiles longer than SELECT_CHUNK are read chunk by chunk (any tile size fits a program); a
+    chunk of 128 makes every list of this case (ragged tiles of 129 and 130 entries, 256
+    candidates at each finer level) span two chunks."""
+    B, G, N, L, p, K = 1, 1, 1036, 3, 2, 256
+    monkeypatch.setattr(lk, "SELECT_CHUNK", 128)
+    q_scores, k_scores = torch.rand(B, G, N, device=DEVICE), torch.rand(B, G, N, device=DEVICE).floor()
+    assert torch.equal(lk.lighthouse_select(q_scores, k_scores, L, p, K, impl="triton"),
+                       lk.lighthouse_select(q_scores, k_scores, L, p, K, impl="torch"))
+
+
+@pytest.mark.parametrize("kind", ["negative", "all -0.0", "signed zeros and infinities"])
+def test_selection_orders_every_float(kind):
+    """lighthouse_select is public: any non-NaN scores are ordered as the reference orders them."""
+    B, G, N, L, p, K = 1, 2, 2048, 2, 4, 128
+    scores = torch.randn(2, B, G, N, device=DEVICE) * 5
+    if kind == "negative":
+        scores = -scores.abs()
+    elif kind == "all -0.0":
+        scores = torch.full_like(scores, -0.0)
+    else:
+        specials = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), -1e-38, 1e-38], device=DEVICE)
+        picks = torch.randint(0, len(specials), scores.shape, device=DEVICE)
+        scores = torch.where(torch.rand_like(scores) < 0.7, specials[picks], scores)
+    assert torch.equal(lk.lighthouse_select(*scores, L, p, K, impl="triton"),
+                       lk.lighthouse_select(*scores, L, p, K, impl="torch"))
+    with pytest.raises(ValueError, match="NaN"):
+        lk.lighthouse_select(scores[0].clone().fill_(float("nan")), scores[1], L, p, K, impl="triton")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gather_and_scatter_match_reference(case):
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case, requires_grad=True)
-    q_scores, k_scores = lk.ref_token_scores(q, k)
-    idx = lk.lighthouse_select(q_scores, k_scores, L, p, K, impl="torch")
-    _, P = lk.level_offsets(N, L, p)
-    inv = lk.inverse_map(idx, P)
-    # gather (q: one row per head; k: each kv head fanned out to its group's query heads)
+    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
+    inv = lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
+    cos, sin = tables(N, D)
+    # gather (q: one row per query head; k: one per kv head), plain and rotated at the span end
     for x in (q, k):
-        ours = lk._PyramidGather.apply(x, lk.triton_pyramid(x, G, L, p, False)[0], idx, inv, H, L, p)
-        ref = lk.ref_gather(lk.ref_pyramid(x, L, p), idx).repeat_interleave(H // x.shape[1], dim=1)
-        assert rel_err(ours, ref) < FP32_TOL
-        w = torch.randn_like(ref)
-        (d_ours,) = torch.autograd.grad((ours * w).sum(), x)
-        (d_ref,) = torch.autograd.grad((ref * w).sum(), x)
-        assert rel_err(d_ours, d_ref) < FP32_TOL
-    # scatter
+        for rope in (None, (cos, sin)):
+            ours = lk.triton_gather(x, idx, inv, L, p, *(rope or (None, None)))
+            ref = lk.ref_gather(lk.ref_pyramid(x, L, p), idx)
+            if rope is not None:
+                ref = lk.ref_rope_at_span_end(ref, idx, cos, sin, N, L, p)
+            assert rel_err(ours, ref) < FP32_TOL
+            w = torch.randn_like(ref)
+            (d_ours,) = torch.autograd.grad((ours * w).sum(), x)
+            (d_ref,) = torch.autograd.grad((ref * w).sum(), x)
+            assert rel_err(d_ours, d_ref) < FP32_TOL
+    # scatter, with the gradient laid out as the model's is: (B, N, H, D) in memory
     attn = torch.randn(B, H, idx.shape[2], D, device=DEVICE, requires_grad=True)
-    ours = lk._CausalScatter.apply(attn, idx, inv, N, L, p)
+    ours = lk.triton_scatter(attn, idx, inv, N, L, p)
     ref = lk.ref_scatter(attn, inv, N, L, p)
     assert rel_err(ours, ref) < FP32_TOL
-    w = torch.randn_like(ref)
-    (d_ours,) = torch.autograd.grad((ours * w).sum(), attn)
-    (d_ref,) = torch.autograd.grad((ref * w).sum(), attn)
+    w = torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2)
+    (d_ours,) = torch.autograd.grad(ours, attn, w)
+    (d_ref,) = torch.autograd.grad(ref, attn, w)
     assert rel_err(d_ours, d_ref) < FP32_TOL
+
+
+def test_span_end_rotation_at_level_zero_is_ordinary_rope():
+    """A selected token (level 0) is rotated at its own position, exactly as RoPE before pooling."""
+    case = CPU_CASES[1]
+    B, H, G, N, D, L, p, K = case
+    q, k, _ = random_qkv(case)
+    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
+    inv = lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
+    cos, sin = tables(N, D)
+    rotated_at_span_end = lk.triton_gather(q, idx, inv, L, p, cos, sin)  # (B, H, M, D)
+    rotated_first = lk.triton_gather(lk.rope_rotate(q, cos, sin), idx, inv, L, p, None, None)
+    tokens = (idx < N).repeat_interleave(H // G, dim=1)  # level-0 entries, per query head
+    assert tokens.sum() == B * H * K * p
+    assert rel_err(rotated_at_span_end[tokens], rotated_first[tokens]) < FP32_TOL
+
+
+def test_span_end_with_norm_scores_selects_what_before_pool_selects():
+    """Norms are rotation-invariant, so with the norm scorer the raw q, k of RoPE at the span end
+    select exactly what the rotated q, k select. Rotations by quarter turns keep every value
+    exact, so exactly means bitwise here."""
+    case = CPU_CASES[1]
+    B, H, G, N, D, L, p, K = case
+    q, k, v = random_qkv(case)
+    angles = torch.randint(0, 4, (N, D // 2), device=DEVICE) * (math.pi / 2)
+    cos, sin = angles.cos().round(), angles.sin().round()  # exactly 0 or +-1
+    for impl_scores in (lk.ref_token_scores, lk.triton_token_scores):
+        raw = impl_scores(q, k, v, "norm")
+        rotated = impl_scores(lk.rope_rotate(q, cos, sin), lk.rope_rotate(k, cos, sin), v, "norm")
+        assert all(torch.equal(a, b) for a, b in zip(raw, rotated))
+        assert torch.equal(lk.lighthouse_select(*raw, L, p, K), lk.lighthouse_select(*rotated, L, p, K))
 
 
 # -----------------------------------------------------------------------------
 # The whole layer
 
 
-def check_layer(case, dtype, tol):
+def check_layer(case, dtype, tol, scorer="norm", span_end=False):
     q, k, v = random_qkv(case, dtype=dtype, requires_grad=True)
     B, H, G, N, D, L, p, K = case
-    out = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton")
+    rope = tables(N, D) if span_end else None
+    out = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton", scorer=scorer, rope=rope)
     assert out.shape == q.shape and out.dtype == dtype
     # the reference runs in fp32 on the same (possibly bf16-rounded) inputs
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = lk.lighthouse_attention(q32, k32, v32, L, p, K, impl="torch")
+    ref = lk.lighthouse_attention(q32, k32, v32, L, p, K, impl="torch", scorer=scorer, rope=rope)
     assert rel_err(out, ref) < tol
     w = torch.randn_like(ref)
     grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
@@ -160,21 +273,37 @@ def check_layer(case, dtype, tol):
         assert rel_err(g, g_ref) < tol, name
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_layer_matches_reference_fp32(case):
-    check_layer(case, torch.float32, FP32_TOL if not CUDA else 1e-4)
+def test_layer_matches_reference_fp32(case, variant, monkeypatch):
+    shared_dilated_scores(monkeypatch)
+    check_layer(case, torch.float32, FP32_TOL if not CUDA else 1e-4, *variant)
 
 
 @gpu_only
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_layer_matches_reference_bf16(case):
-    check_layer(case, torch.bfloat16, BF16_TOL)
+def test_layer_matches_reference_bf16(case, variant, monkeypatch):
+    shared_dilated_scores(monkeypatch)
+    check_layer(case, torch.bfloat16, BF16_TOL, *variant)
+
+
+def test_dilated_layer_end_to_end():
+    """The Triton path with its own (SDPA) dilated scorer against the reference, unpatched. The
+    inputs are fixed: the two scorers agree only up to rounding, and fresh inputs could hold a
+    near-tie that selects differently (the scores are compared on fresh inputs above)."""
+    case = CPU_CASES[1]
+    B, H, G, N, D, L, p, K = case
+    q, k, v = random_qkv(case, seed=3)
+    rope = tables(N, D)
+    out = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton", scorer="dilated", rope=rope)
+    ref = lk.lighthouse_attention(q, k, v, L, p, K, impl="torch", scorer="dilated", rope=rope)
+    assert rel_err(out, ref) < (FP32_TOL if not CUDA else 1e-4)
 
 
 def test_layer_on_text_like_inputs_matches_reference():
     """Text repeats tokens and RoPE keeps norms, so all occurrences of a token tie, at every level
     of both score pyramids. The whole layer must still match the reference."""
-    from model import apply_rope, rope_tables
     H, G, N, D, L, p, K = 2, 1, 4096, 16, 3, 4, 256
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 6, (N,), generator=gen)  # a 6-token vocabulary: ties everywhere
@@ -182,7 +311,7 @@ def test_layer_on_text_like_inputs_matches_reference():
     q, k, v = (x[tokens].transpose(0, 1).unsqueeze(0) for x in table)  # (N, H, D) -> (1, H, N, D) each
     k, v = k[:, :G], v[:, :G]  # (1, G, N, D)
     cos, sin = rope_tables(D, N, 10000.0)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = lk.rope_rotate(q, cos, sin), lk.rope_rotate(k, cos, sin)
     q, k, v = (x.to(DEVICE).contiguous().requires_grad_() for x in (q, k, v))
     out = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton")
     ref = lk.lighthouse_attention(q, k, v, L, p, K, impl="torch")
@@ -205,6 +334,24 @@ def test_default_impl_follows_device():
         lk.lighthouse_attention(q, k, v, L, p, K, impl="cuda")
 
 
+def test_custom_ops_pass_opcheck():
+    """The kernels are torch custom ops (so torch.compile keeps them whole): their schemas, fake
+    (shape-only) versions and autograd registrations must agree with what they do."""
+    case = (1, 2, 1, 512, 16, 2, 4, 128)
+    B, H, G, N, D, L, p, K = case
+    q, k, _ = random_qkv(case, requires_grad=True)
+    scores = [lk.ref_score_pyramid(s, L, p) for s in lk.ref_norm_scores(q, k)]
+    idx, inv = lk.triton_select(*scores, N, L, p, K)
+    cos, sin = tables(N, D)
+    attn = torch.randn(B, H, idx.shape[2], D, device=DEVICE, requires_grad=True)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(lk.triton_norm_scores, (q.detach(), k.detach()), test_utils=tests)
+    torch.library.opcheck(lk.triton_select, (*scores, N, L, p, K), test_utils=tests)
+    torch.library.opcheck(lk.triton_gather, (q, idx, inv, L, p, cos, sin), test_utils=tests)
+    torch.library.opcheck(lk.triton_gather, (k, idx, inv, L, p, None, None), test_utils=tests)
+    torch.library.opcheck(lk.triton_scatter, (attn, idx, inv, N, L, p), test_utils=tests)
+
+
 # -----------------------------------------------------------------------------
 # What the selection promises
 
@@ -213,8 +360,7 @@ def test_default_impl_follows_device():
 def test_selection_properties(case):
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case)
-    q_scores, k_scores = lk.ref_token_scores(q, k)
-    idx = lk.lighthouse_select(q_scores, k_scores, L, p, K, impl="triton")
+    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="triton")
     M = N // p ** (L - 1) + (L - 1) * p * K
     assert idx.shape == (B, G, M)
     level, start, end = spans(idx, N, L, p)
@@ -233,6 +379,7 @@ def test_selection_properties(case):
             depth = coverage(s, t, N)
             assert depth.min() >= 1 and depth.max() <= L  # each token in 1..L selected entries
             assert (t[1:] >= t[:-1]).all()  # causal order: span ends never decrease
+            assert torch.equal(lk.last_token(e, N, L, p), t - 1)  # span-end RoPE positions never decrease
 
 
 def test_paper_example_sizes():
@@ -250,14 +397,14 @@ def test_scatter_closed_form(impl):
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case)
-    idx = lk.lighthouse_select(*lk.ref_token_scores(q, k), L, p, K, impl="torch")
+    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
     _, P = lk.level_offsets(N, L, p)
     inv = lk.inverse_map(idx, P)
     attn = torch.randn(B, H, idx.shape[2], D, device=DEVICE)
     if impl == "torch":
         out = lk.ref_scatter(attn, inv, N, L, p)
     else:
-        out = lk._CausalScatter.apply(attn, idx, inv, N, L, p)
+        out = lk.triton_scatter(attn, idx, inv, N, L, p)
     # out[t] = sum over levels of the output of the most recently completed selected span
     expected = torch.zeros_like(out)
     position = {(b, g, e): m for b in range(B) for g in range(G) for m, e in enumerate(idx[b, g].tolist())}
@@ -285,14 +432,16 @@ def causal_leak(out, inputs, t0):
     return max(g[:, :, t0 + 1:].abs().max().item() for g in grads)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_gradient_causality(impl):
-    case = CPU_CASES[1]  # two tiles, three levels
+def test_gradient_causality(impl, variant):
+    case = CPU_CASES[1]  # two tiles, three levels, GQA
     B, H, G, N, D, L, p, K = case
+    scorer, span_end = variant
     q, k, v = random_qkv(case, requires_grad=True)
-
-    out = lk.lighthouse_attention(q, k, v, L, p, K, impl=impl)
-    for t0 in [0, 2, p ** (L - 1) - 1, 517, 518, N - 2]:
+    rope = tables(N, D) if span_end else None
+    out = lk.lighthouse_attention(q, k, v, L, p, K, impl=impl, scorer=scorer, rope=rope)
+    for t0 in [p ** (L - 1) - 1, 517, N - 2]:  # the first coarse span's end, across the tile border, the end
         assert causal_leak(out, (q, k, v), t0) == 0.0, f"output at <= {t0} depends on a later input"
 
 
@@ -304,7 +453,7 @@ def test_unshifted_scatter_is_caught():
     q, k, v = random_qkv(case, requires_grad=True)
 
     def unshifted_layer(q, k, v):
-        idx = lk.lighthouse_select(*lk.ref_token_scores(q, k), L, p, K, impl="torch")
+        idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
         inv = lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
         sel = [lk.ref_gather(lk.ref_pyramid(x, L, p), idx).repeat_interleave(H // x.shape[1], 1) for x in (q, k, v)]
         attn = torch.nn.functional.scaled_dot_product_attention(*sel, is_causal=True)
@@ -318,31 +467,49 @@ def test_unshifted_scatter_is_caught():
     assert causal_leak(unshifted_layer(q, k, v), (q, k, v), t0=517) > 0
 
 
-def test_selection_leak_stays_inside_its_tile():
+def test_rotation_at_span_start_is_caught():
+    """Rotating a node at the first token of its span instead of the last changes the function:
+    the span-end test above pins down where the rotation happens."""
+    case = CPU_CASES[1]
+    B, H, G, N, D, L, p, K = case
+    q, k, _ = random_qkv(case)
+    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
+    inv = lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
+    cos, sin = tables(N, D)
+    ours = lk.triton_gather(q, idx, inv, L, p, cos, sin)
+    level, start, _ = spans(idx.repeat_interleave(H // G, 1), N, L, p)
+    at_start = lk.rope_rotate(lk.ref_gather(lk.ref_pyramid(q, L, p), idx), cos[start], sin[start])
+    assert rel_err(ours[level > 0], at_start[level > 0]) > 1e-2
+    assert rel_err(ours[level == 0], at_start[level == 0]) < FP32_TOL
+
+
+@pytest.mark.parametrize("scorer", ["norm", "dilated"])
+def test_selection_leak_stays_inside_its_tile(scorer):
     """The documented leak: whether a span is refined depends on later tokens of the same tile,
     so an output can change when a later token in its tile changes. It never crosses a tile."""
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
     tile_tokens = (N // p ** (L - 1)) // (K // 128) * p ** (L - 1)  # tokens in the first tile: 516
     q, k, v = random_qkv(case, seed=1)
-    out = lk.lighthouse_attention(q, k, v, L, p, K, impl="torch")
+    out = lk.lighthouse_attention(q, k, v, L, p, K, impl="torch", scorer=scorer)
 
-    # a huge key late in tile 0 makes its coarse span win a k-score slot, moving earlier outputs
-    k2 = k.clone()
-    k2[:, :, 500] *= 100
-    out2 = lk.lighthouse_attention(q, k2, v, L, p, K, impl="torch")
+    # a huge q and v late in tile 0 win their coarse span a q-score slot, moving earlier outputs
+    q2, v2 = q.clone(), v.clone()
+    q2[:, :, 500] *= 100
+    v2[:, :, 500] *= 100
+    out2 = lk.lighthouse_attention(q2, k, v2, L, p, K, impl="torch", scorer=scorer)
     assert not torch.allclose(out[:, :, :499], out2[:, :, :499])  # the leak exists
 
     # the same change in tile 1 leaves every output before tile 1 untouched
     q3, k3, v3 = q.clone(), k.clone(), v.clone()
     for x in (q3, k3, v3):
         x[:, :, tile_tokens:] = torch.randn_like(x[:, :, tile_tokens:]) * 10
-    out3 = lk.lighthouse_attention(q3, k3, v3, L, p, K, impl="torch")
+    out3 = lk.lighthouse_attention(q3, k3, v3, L, p, K, impl="torch", scorer=scorer)
     assert torch.equal(out[:, :, :tile_tokens], out3[:, :, :tile_tokens])
 
 
 # -----------------------------------------------------------------------------
-# Domain errors
+# Domain errors and limits
 
 
 @pytest.mark.parametrize("args, message", [
@@ -354,6 +521,11 @@ def test_selection_leak_stays_inside_its_tile():
     (dict(seq_len=2050, levels=2, pool=4, topk=128), "multiple of pool\\^\\(levels-1\\) = 4 .* nearest valid: 2048 or 2052"),
     (dict(seq_len=16384, levels=3, pool=4, topk=2048), "smallest valid sequence length is 32768"),
     (dict(seq_len=2048, levels=2, pool=4, topk=128, n_head=6, n_kv_head=4), "nearest valid n_kv_head: 3"),
+    (dict(seq_len=2048, levels=2, pool=4, topk=128, scorer="dilate"), "scorer must be one of 'norm', 'dilated'"),
+    (dict(seq_len=2052, levels=2, pool=4, topk=128, scorer="dilated", dilation=8),
+     "multiple of the dilated scorer's dilation 8: nearest valid lengths 2048 or 2056"),
+    (dict(seq_len=2048, levels=2, pool=4, topk=128, scorer="dilated", dilation=0), "dilation must be an integer >= 1"),
+    (dict(seq_len=2**30, levels=2, pool=4, topk=128), "largest valid length is 1073741820"),
 ])
 def test_bad_config_raises(args, message):
     with pytest.raises(ValueError, match=message):
@@ -364,10 +536,12 @@ def test_valid_configs_pass():
     assert lk.check_lighthouse_config(524288, 3, 4, 2048) == 32768 + 2 * 4 * 2048
     assert lk.check_lighthouse_config(32768, 3, 4, 1536) == 2048 + 2 * 4 * 1536
     assert lk.check_lighthouse_config(2048, 2, 4, 128, n_head=8, n_kv_head=2) == 1024
+    assert lk.check_lighthouse_config(2052, 2, 4, 128, scorer="dilated", dilation=4) == 2052 // 4 + 4 * 128
 
 
 def test_bad_tensors_raise():
     q, k, v = random_qkv(CPU_CASES[0])
+    cos, sin = tables(2048, 16)
     with pytest.raises(ValueError, match="k and v must match q"):
         lk.lighthouse_attention(q, k[:, :, :1024], v[:, :, :1024], 2, 4, 128)
     with pytest.raises(ValueError, match="expected q"):
@@ -376,10 +550,37 @@ def test_bad_tensors_raise():
         lk.lighthouse_attention(q, k, v, 2, 4, 1024)
     with pytest.raises(ValueError, match="n_kv_head"):
         lk.lighthouse_attention(q[:, :3], k, v, 2, 4, 128)
+    for impl in ("torch", "triton"):  # caught before any kernel runs
+        with pytest.raises(ValueError, match="q, k, v must share a dtype"):
+            lk.lighthouse_attention(q, k.double(), v.double(), 2, 4, 128, impl=impl)
+        with pytest.raises(ValueError, match="k is on meta but q is on"):
+            lk.lighthouse_attention(q, k.to("meta"), v, 2, 4, 128, impl=impl)
+        with pytest.raises(ValueError, match="must be float32, float16 or bfloat16"):
+            lk.lighthouse_attention(q.double(), k.double(), v.double(), 2, 4, 128, impl=impl)
+        with pytest.raises(ValueError, match="rope cos table must be"):
+            lk.lighthouse_attention(q, k, v, 2, 4, 128, impl=impl, rope=(cos[:1000], sin))
+        with pytest.raises(ValueError, match="cos is on meta"):
+            lk.lighthouse_attention(q, k, v, 2, 4, 128, impl=impl, rope=(cos.to("meta"), sin))
+
+
+def test_launch_grids_stay_within_cuda_limits():
+    """CUDA allows 2^31 - 1 programs on grid axis 0 but only 65535 on axis 1. Row blocks go on
+    axis 0: at N = 4,194,256 (L=3, p=4, topk=16384) there are 65,536 blocks of 64 tokens, which
+    broke the launches that used to put them on axis 1. Batch * heads goes on axis 1."""
+    longest = 2**31 // 2 - 2  # the domain's longest sequence at L = 2, and M, P are below 2 N
+    for rows in (4_194_256, lk.gathered_length(4_194_256, 3, 4, 16384), 3 * longest):
+        blocks, heads = lk._grid(rows, 64, 8)
+        assert heads == 8 and blocks == math.ceil(rows / 64) and blocks < 2**31
+    assert lk._grid(4_194_256, 64, 1)[0] > lk.MAX_GRID_HEADS  # would not fit on axis 1
+    # more than 65535 (batch, head) rows is refused before any launch (expand: no memory)
+    q = torch.ones(1, 1, 512, 2, device=DEVICE).expand(1, 65536, 512, 2)
+    k = torch.ones(1, 1, 512, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="more than the 65535 programs"):
+        lk.lighthouse_triton(q, k, k, 2, 4, 128)
 
 
 # -----------------------------------------------------------------------------
-# GPU only: determinism and the lengths that break the authors' code
+# GPU only: determinism, other devices, and the lengths that break the authors' code
 
 
 @gpu_only
@@ -393,19 +594,19 @@ def test_triton_is_deterministic():
     B, H, G, N, D, L, p, K = case
     q, k, v = random_qkv(case, dtype=torch.bfloat16)
     d_out = torch.randn_like(q)
+    cos, sin = tables(N, D)
 
     def stages():
-        q_up, q_score = lk.triton_pyramid(q, G, L, p, with_scores=True)
-        k_up, k_score = lk.triton_pyramid(k, G, L, p, with_scores=True)
-        idx, inv = lk.triton_select(q_score, k_score, N, L, p, K)
+        scores = [lk.ref_score_pyramid(s, L, p) for s in lk.triton_norm_scores(q, k)]
+        idx, inv = lk.triton_select(*scores, N, L, p, K)
         qq = q.detach().requires_grad_()
-        q_sel = lk._PyramidGather.apply(qq, q_up, idx, inv, H, L, p)
+        q_sel = lk.triton_gather(qq, idx, inv, L, p, cos, sin)
         (dq,) = torch.autograd.grad(q_sel, qq, q_sel * 3)
         attn = q_sel.detach().requires_grad_()
-        out = lk._CausalScatter.apply(attn, idx, inv, N, L, p)
+        out = lk.triton_scatter(attn, idx, inv, N, L, p)
         (d_attn,) = torch.autograd.grad(out, attn, d_out)
         layer = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton")
-        return q_up, q_score, k_up, k_score, idx, inv, q_sel, dq, out, d_attn, layer
+        return (*scores, lk.triton_pyramid(q, L, p), idx, inv, q_sel, dq, out, d_attn, layer)
 
     first = stages()
     for _ in range(2):
@@ -413,14 +614,34 @@ def test_triton_is_deterministic():
             assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_runs_on_a_gpu_that_is_not_the_current_one():
+    case = (1, 4, 2, 16384, 64, 3, 4, 256)
+    q, k, v = (x.to("cuda:1") for x in random_qkv(case, dtype=torch.bfloat16))
+    torch.cuda.set_device(0)
+    out = lk.lighthouse_attention(q, k, v, 3, 4, 256, impl="triton")
+    torch.cuda.set_device(1)
+    assert out.device == q.device and torch.equal(out, lk.lighthouse_attention(q, k, v, 3, 4, 256, impl="triton"))
+    torch.cuda.set_device(0)
+
+
 @gpu_only
 @pytest.mark.parametrize("N, K", [(524288, 2048), (32768, 1536)])
 def test_long_lengths_that_break_the_authors_code(N, K):
     case = (1, 2, 1, N, 128, 3, 4, K)
     q, k, _ = random_qkv(case, dtype=torch.bfloat16)
-    scores = lk.ref_token_scores(q, k)
+    scores = lk.ref_norm_scores(q, k)
     idx = lk.lighthouse_select(*scores, 3, 4, K, impl="triton")
     assert torch.equal(idx, lk.lighthouse_select(*scores, 3, 4, K, impl="torch"))
     level, start, end = spans(idx[0, 0], N, 3, 4)
     assert (end[1:] >= end[:-1]).all() and (level == 0).sum() == 4 * K
     check_layer(case, torch.bfloat16, BF16_TOL)
+
+
+@gpu_only
+@pytest.mark.parametrize("N, L, p, K", [(2_097_154, 2, 2, 128), (262144, 3, 4, 128)])
+def test_huge_tiles(N, L, p, K):
+    """One tile of 1,048,577 coarsest entries (past Triton's largest block), and one of 16,384."""
+    scores = torch.rand(2, 1, 1, N, device="cuda")
+    assert torch.equal(lk.lighthouse_select(*scores, L, p, K, impl="triton"),
+                       lk.lighthouse_select(*scores, L, p, K, impl="torch"))
