@@ -1,16 +1,30 @@
 """
 Benchmarks (GPU). Three modes:
 
-    python bench.py                          # one layer: ours vs dense SDPA (cuDNN, flash), every N
-    python bench.py --lengths 32768 --topk 1536   # one length, another topk
-    python bench.py --mode=breakdown         # where one layer's time goes, stage by stage (N=98304)
-    python bench.py --mode=train --config=config/books_32k.py   # a training step, dense vs Lighthouse
+    python bench.py                                   # one layer, every variant vs dense SDPA, every N
+    python bench.py --lengths 65536 --variants norm   # one length, one variant
+    python bench.py --mode=breakdown                  # one layer's time stage by stage (N=98304)
+    python bench.py --mode=train --configs config/books_64k.py config/paper_98k.py   # training steps
 
-Layer mode: B=1, H=8, D=128, bf16, L=3, p=4, topk=2048 (1536 at N=98304, 1024 at
-N=16384 where 2048 is outside the layer's domain), forward and
-forward+backward timed with CUDA events (median), peak memory of forward+backward above the
-inputs. Speedups and memory ratios are against cuDNN dense SDPA measured in the same process.
-Results are printed as a table and written to --json (default bench.json).
+Layer mode: B=1, H=8, D=128, bf16, L=3, p=4, topk=2048 (1536 at N=98304, 1024 at N=16384 where
+2048 is outside the layer's domain); q, k, v and the output gradient laid out as the model makes
+them ((B, N, H, D) in memory). Forward and forward+backward are timed with CUDA events
+(median), peak memory is that of forward+backward above the inputs. Speedups and memory ratios
+are against cuDNN dense SDPA measured in the same process. The variants: the scorer
+(norm | dilated, dilation 4) and where RoPE is applied (before_pool | span_end); a "dilated
+scorer" row times the dilated scorer's two strided attention passes alone.
+
+Breakdown mode: each stage of the layer on its own, plus two before/after measurements of
+copies the layer avoids: the scatter backward reading a transposed gradient through its strides
+vs copying it first, and grouped-query attention (H=32 query heads over 8 kv heads) through
+SDPA's own GQA vs k and v expanded to 32 heads.
+
+Train mode: full training steps (forward, backward, AdamW) of each config's model on random
+tokens, dense vs Lighthouse, eager vs torch.compile: tokens/s, MFU (model FLOPs utilisation:
+the FLOPs the model needs per second over the card's peak) and peak memory, plus the CUDA kernels
+that take the most time in one compiled step of each mode.
+
+Results are printed as tables and written to --json (default bench.json).
 """
 
 import argparse
@@ -24,9 +38,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lighthouse_kernel as lk
+from model import GPT, GPTConfig, read_config_file, rope_tables
 
 LENGTHS = [16384, 32768, 65536, 98304, 131072, 262144, 524288]
 B, H, D, LEVELS, POOL = 1, 8, 128, 3, 4
+VARIANTS = ["norm", "norm+span_end", "dilated", "dilated+span_end"]
+H100_PEAK_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (an H200 has the same), for MFU
 
 
 def topk_for(N, topk=None):
@@ -67,35 +84,46 @@ def peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def make_inputs(N, seed=0):
+def make_inputs(N, heads=H, kv_heads=H, seed=0):
+    """Random bf16 q (B, heads, N, D), k, v (B, kv_heads, N, D) and an output gradient, each a
+    transposed view of a (B, N, heads, D) tensor, as the model's projections make them."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-               for _ in range(3))
-    dout = torch.randn(B, H, N, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    return q, k, v, dout
+
+    def draw(h, grad=True):
+        x = torch.randn(B, N, h, D, device="cuda", generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+        return x.requires_grad_(grad)
+
+    return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads, grad=False)
 
 
-def layer_variants(N, topk):
+def layer_variants(N, topk, variants):
+    cos, sin = (t.cuda() for t in rope_tables(D, N, 10000.0))
+
     def dense(backend):
         def attend(q, k, v):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return attend
 
-    return {
-        "dense cuDNN": dense(SDPBackend.CUDNN_ATTENTION),
-        "dense flash": dense(SDPBackend.FLASH_ATTENTION),
-        "lighthouse": lambda q, k, v: lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton"),
-    }
+    def ours(variant):
+        scorer, _, rope = variant.partition("+")
+        return lambda q, k, v: lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton", scorer=scorer,
+                                                       rope=(cos, sin) if rope else None)
+
+    attends = {"dense cuDNN": dense(SDPBackend.CUDNN_ATTENTION)}
+    if N <= 131072:  # flash is ~1.7x slower than cuDNN; past 128K it only costs time to show it again
+        attends["dense flash"] = dense(SDPBackend.FLASH_ATTENTION)
+    attends.update({variant: ours(variant) for variant in variants})
+    return attends
 
 
-def bench_layers(lengths, topk=None):
+def bench_layers(lengths, topk, variants):
     rows = []
     for N in lengths:
         q, k, v, dout = make_inputs(N)
         budget = 400 if N <= 131072 else 1  # long dense runs take seconds: time them 3 times
         topk_N = topk_for(N, topk)
-        for name, attend in layer_variants(N, topk_N).items():
+        for name, attend in layer_variants(N, topk_N, variants).items():
             def forward():
                 with torch.no_grad():
                     attend(q, k, v)
@@ -107,31 +135,36 @@ def bench_layers(lengths, topk=None):
             rows.append(dict(N=N, topk=topk_N, impl=name, fwd_ms=time_ms(forward, budget),
                              fwd_bwd_ms=time_ms(forward_backward, budget), peak_mib=peak_mib(forward_backward)))
             print(json.dumps(rows[-1]), flush=True)
+        if any(v.startswith("dilated") for v in variants):  # the scorer's own cost, forward only
+            scorer_ms = time_ms(lambda: lk.triton_dilated_scores(q, k, v, 4), budget)
+            rows.append(dict(N=N, topk=topk_N, impl="dilated scorer", fwd_ms=scorer_ms))
+            print(json.dumps(rows[-1]), flush=True)
         del q, k, v, dout
     return rows
 
 
 def print_layer_table(rows):
-    print(f"\n{'N':>7} {'impl':<12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'speedup':>8} {'peak MiB':>9} {'mem/dense':>9}")
+    print(f"\n{'N':>7} {'impl':<17} {'fwd ms':>8} {'fwd+bwd ms':>11} {'vs cuDNN':>9} {'peak MiB':>9} {'mem/dense':>9}")
     dense = {r["N"]: r for r in rows if r["impl"] == "dense cuDNN"}
     for r in rows:
+        if "fwd_bwd_ms" not in r:
+            print(f"{r['N']:>7} {r['impl']:<17} {r['fwd_ms']:>8.2f}")
+            continue
         base = dense[r["N"]]
-        print(f"{r['N']:>7} {r['impl']:<12} {r['fwd_ms']:>9.2f} {r['fwd_bwd_ms']:>11.2f} "
-              f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:>7.1f}x {r['peak_mib']:>9.0f} "
+        print(f"{r['N']:>7} {r['impl']:<17} {r['fwd_ms']:>8.2f} {r['fwd_bwd_ms']:>11.2f} "
+              f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:>8.1f}x {r['peak_mib']:>9.0f} "
               f"{r['peak_mib'] / base['peak_mib']:>9.2f}")
 
 
-def bench_breakdown(N):
-    """Each stage of our layer on its own, forward then backward, at length N."""
-    topk = topk_for(N)
+def bench_breakdown(N, topk=None):
+    """Each stage of our layer on its own (norm scorer, RoPE before pooling) at length N, then
+    the copies the layer avoids, before and after."""
+    topk = topk_for(N, topk)
     q, k, v, dout = make_inputs(N)
-    G = k.shape[1]
-    q_up, q_score = lk.triton_pyramid(q, G, LEVELS, POOL, with_scores=True)
-    k_up, k_score = lk.triton_pyramid(k, G, LEVELS, POOL, with_scores=True)
-    v_up, _ = lk.triton_pyramid(v, G, LEVELS, POOL, with_scores=False)
-    idx, inv = lk.triton_select(q_score, k_score, N, LEVELS, POOL, topk)
-    sel = [lk._PyramidGather.apply(x, up, idx, inv, H, LEVELS, POOL).detach().requires_grad_()
-           for x, up in ((q, q_up), (k, k_up), (v, v_up))]
+    q_tok, k_tok = lk.triton_norm_scores(q, k)
+    scores = [lk.ref_score_pyramid(s, LEVELS, POOL) for s in (q_tok, k_tok)]
+    idx, inv = lk.triton_select(*scores, N, LEVELS, POOL, topk)
+    sel = [lk.triton_gather(x, idx, inv, LEVELS, POOL, None, None).detach().requires_grad_() for x in (q, k, v)]
     attn = F.scaled_dot_product_attention(*sel, is_causal=True)
     d_attn = torch.randn_like(attn)
 
@@ -142,95 +175,167 @@ def bench_breakdown(N):
             torch.autograd.backward(a, d_attn)
         return run
 
-    # the backward kernels are timed by calling the autograd functions' backward directly
-    scatter_ctx = type("ctx", (), dict(saved_tensors=(idx,), levels=LEVELS, pool=POOL, dtype=attn.dtype))
-    gather_ctxs = [type("ctx", (), dict(saved_tensors=(inv,), shape=x.shape, dtype=x.dtype, levels=LEVELS,
-                                        pool=POOL)) for x in (q, k, v)]
-    d_sel = torch.randn_like(sel[0])
+    def layer_fwd_bwd():
+        torch.autograd.backward(lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton"), dout)
+        q.grad = k.grad = v.grad = None
+
     stages = {
-        "pyramid + scores (q, k, v)": lambda: [lk.triton_pyramid(x, G, LEVELS, POOL, x is not v) for x in (q, k, v)],
-        "selection + causal order": lambda: lk.triton_select(q_score, k_score, N, LEVELS, POOL, topk),
-        "gather (q, k, v)": lambda: [lk._PyramidGather.apply(x, up, idx, inv, H, LEVELS, POOL)
-                                     for x, up in ((q, q_up), (k, k_up), (v, v_up))],
+        "norm scores (q, k)": lambda: lk.triton_norm_scores(q, k),
+        "score pyramid (q, k)": lambda: [lk.ref_score_pyramid(s, LEVELS, POOL) for s in (q_tok, k_tok)],
+        "selection + causal order": lambda: lk.triton_select(*scores, N, LEVELS, POOL, topk),
+        "pool + gather (q, k, v)": lambda: [lk.triton_gather(x, idx, inv, LEVELS, POOL, None, None) for x in (q, k, v)],
         "SDPA fwd (default backend)": lambda: F.scaled_dot_product_attention(*sel, is_causal=True),
-        "scatter": lambda: lk._CausalScatter.apply(attn, idx, inv, N, LEVELS, POOL),
-        "scatter backward": lambda: lk._CausalScatter.backward(scatter_ctx, dout),
+        "scatter": lambda: lk.triton_scatter(attn, idx, inv, N, LEVELS, POOL),
+        "scatter backward": lambda: lk._scatter_backward(dout, idx, LEVELS, POOL),
         "SDPA fwd+bwd cuDNN": sdpa_fwd_bwd(SDPBackend.CUDNN_ATTENTION),
         "SDPA fwd+bwd flash": sdpa_fwd_bwd(SDPBackend.FLASH_ATTENTION),
         "SDPA fwd+bwd default": sdpa_fwd_bwd(),
-        "gather backward (q, k, v)": lambda: [lk._PyramidGather.backward(c, d_sel) for c in gather_ctxs],
+        "gather backward (q, k, v)": lambda: [
+            lk._gather_backward(d_attn, inv, list(x.shape), True, LEVELS, POOL, None, None) for x in (q, k, v)],
         "whole layer fwd (no grad)": torch.no_grad()(
             lambda: lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton")),
-        "whole layer fwd+bwd": lambda: torch.autograd.backward(
-            lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton"), dout),
+        "whole layer fwd+bwd": layer_fwd_bwd,
     }
     rows = []
     for name, fn in stages.items():
         rows.append(dict(N=N, topk=topk, stage=name, ms=time_ms(fn)))
-        q.grad = k.grad = v.grad = None
     print(f"\nbreakdown at N={N}, topk={topk}, M={idx.shape[2]} (B={B}, H={H}, D={D}, bf16)")
     for r in rows:
         print(f"  {r['stage']:<28} {r['ms']:8.3f} ms")
     return rows
 
 
+def bench_copies(N=262144, heads=32, kv_heads=8):
+    """Before/after of the two copies the layer avoids, at (1, 32, 262144, 128) bf16:
+    1. the scatter backward reads the model's transposed gradient through its strides; before,
+       it made it contiguous first (a copy of all of (B, H, N, D));
+    2. grouped-query attention on the gathered entries through SDPA's own GQA; before, k and v
+       were gathered into all 32 query heads (4x their size, and 4x their gradients)."""
+    topk = topk_for(N)
+    q, k, v, dout = make_inputs(N, heads, kv_heads)
+    scores = [lk.ref_score_pyramid(s, LEVELS, POOL) for s in lk.triton_norm_scores(q, k)]
+    idx, inv = lk.triton_select(*scores, N, LEVELS, POOL, topk)
+    sel = [lk.triton_gather(x, idx, inv, LEVELS, POOL, None, None).detach().requires_grad_() for x in (q, k, v)]
+    expanded = [x.detach().repeat_interleave(heads // kv_heads, dim=1).requires_grad_() for x in sel[1:]]
+    d_attn = torch.randn_like(sel[0])
+
+    def attend(q_sel, k_sel, v_sel, gqa):
+        torch.autograd.backward(F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True, enable_gqa=gqa),
+                                d_attn)
+
+    cases = {
+        "scatter backward, strided gradient (now)": lambda: lk._scatter_backward(dout, idx, LEVELS, POOL),
+        "scatter backward, gradient copied first (before)": lambda: lk._scatter_backward(
+            dout.contiguous(), idx, LEVELS, POOL),
+        "SDPA fwd+bwd on M, SDPA's own GQA (now)": lambda: attend(*sel, True),
+        "SDPA fwd+bwd on M, k and v expanded (before)": lambda: attend(sel[0], *expanded, False),
+    }
+    rows = []
+    print(f"\ncopies avoided at B={B}, H={heads}, H_kv={kv_heads}, N={N}, D={D}, bf16 (M={idx.shape[2]})")
+    for name, fn in cases.items():
+        rows.append(dict(N=N, heads=heads, kv_heads=kv_heads, stage=name, ms=time_ms(fn), peak_mib=peak_mib(fn)))
+        print(f"  {name:<50} {rows[-1]['ms']:8.3f} ms  {rows[-1]['peak_mib']:8.0f} MiB")
+    return rows
+
+
+def top_kernels(step, count=8):
+    """The CUDA kernels that take the most time in one call of step(), as (name, ms, share)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]  # GPU kernels and copies
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [(e.key[:70], e.self_device_time_total / 1e3, e.self_device_time_total / total) for e in events[:count]]
+
+
 def bench_train(config_path, iters):
     """Tokens per second of full training steps (forward, backward, AdamW) of a config's model,
-    dense vs Lighthouse, on random tokens (the data does not change the work)."""
-    import train
-
-    config = train.load_config([config_path])
-    train.validate(config)
+    dense vs Lighthouse, eager vs compiled, on random tokens (the data does not change the work)."""
+    settings = read_config_file(config_path)
+    model_config = GPTConfig.from_settings(dict(settings, vocab_size=257))  # byte-level, as the configs train
+    model_config.check(lighthouse=True)
+    batch_size = settings.get("batch_size", 1)  # sequences per step: one micro-step of the config's
+    peak_flops = settings.get("peak_flops", H100_PEAK_FLOPS)
+    tokens = batch_size * model_config.block_size
     rows = []
-    for mode in ("dense", "lighthouse"):
-        torch.manual_seed(0)
-        model = train.build_model(config, vocab_size=257).cuda()
-        model.set_attention(mode)
-        optimizer = train.configure_optimizer(model, config, "cuda")
-        x = torch.randint(0, 257, (config["batch_size"], config["block_size"] + 1), device="cuda")
+    for compiled in (False, True):
+        for mode in ("dense", "lighthouse"):
+            torch.manual_seed(0)
+            model = GPT(model_config).cuda()
+            model.set_attention(mode)
+            # AdamW as train.py sets it up; its hyperparameters do not change the work
+            optimizer = model.configure_optimizer(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                                  device_type="cuda")
+            run = torch.compile(model, dynamic=False) if compiled else model
+            x = torch.randint(0, 257, (batch_size, model_config.block_size + 1), device="cuda")  # (batch, block + 1)
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = run(x[:, :-1], x[:, 1:])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        torch.cuda.reset_peak_memory_stats()
-        ms = time_ms(step, budget_ms=iters * 1000, max_reps=iters)
-        tokens = config["batch_size"] * config["block_size"]
-        rows.append(dict(config=config_path, mode=mode, ms_per_step=ms, tok_per_s=tokens / ms * 1e3,
-                         mfu=model.estimate_mfu(tokens / ms * 1e3, config["peak_flops"]),
-                         peak_gib=torch.cuda.max_memory_allocated() / 2**30))
-        print(json.dumps(rows[-1]), flush=True)
-        del model, optimizer
-    print(f"\n{config_path}: Lighthouse phase step is {rows[0]['ms_per_step'] / rows[1]['ms_per_step']:.2f}x "
-          f"faster than dense ({rows[1]['tok_per_s']:,.0f} vs {rows[0]['tok_per_s']:,.0f} tok/s)")
+            started = time.time()
+            step()  # the first step compiles
+            torch.cuda.synchronize()
+            first_s = time.time() - started
+            torch.cuda.reset_peak_memory_stats()
+            ms = time_ms(step, budget_ms=iters * 1000, max_reps=iters)
+            row = dict(config=config_path, mode=mode, compiled=compiled, ms_per_step=ms, tok_per_s=tokens / ms * 1e3,
+                       mfu=model.estimate_mfu(tokens / ms * 1e3, peak_flops),
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_s)
+            if compiled:
+                row["top_kernels"] = top_kernels(step)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model, optimizer, run
+            torch.cuda.empty_cache()
     return rows
+
+
+def print_train_table(rows):
+    print(f"\n{'config':<22} {'mode':<11} {'compiled':<9} {'ms/step':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['config']:<22} {r['mode']:<11} {str(r['compiled']):<9} {r['ms_per_step']:>8.1f} "
+              f"{r['tok_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f}")
+    for config in dict.fromkeys(r["config"] for r in rows):
+        step = {(r["mode"], r["compiled"]): r["ms_per_step"] for r in rows if r["config"] == config}
+        print(f"{config}: compiled vs eager: dense {step['dense', False] / step['dense', True]:.2f}x, Lighthouse "
+              f"{step['lighthouse', False] / step['lighthouse', True]:.2f}x; Lighthouse vs dense step, both "
+              f"compiled: {step['dense', True] / step['lighthouse', True]:.2f}x faster")
+    for r in rows:
+        if "top_kernels" in r:
+            print(f"\ntop CUDA kernels, one compiled {r['mode']} step of {r['config']}:")
+            for name, ms, share in r["top_kernels"]:
+                print(f"  {ms:8.1f} ms {100 * share:5.1f}%  {name}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["layer", "breakdown", "train"], default="layer")
-    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
-    parser.add_argument("--config", default="config/books_32k.py")
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--lengths", type=int, nargs="+", help="default: all of LENGTHS (layer), 98304 (breakdown)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="layer mode")
+    parser.add_argument("--configs", nargs="+", default=["config/books_64k.py"], help="train mode")
+    parser.add_argument("--iters", type=int, default=10, help="train mode: timed steps per case")
     parser.add_argument("--topk", type=int, help="layer and breakdown modes: this topk at every length")
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench.py needs a CUDA GPU")
+        raise SystemExit("bench.py needs a CUDA GPU (it times GPU kernels); none is available here")
     started = time.time()
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"))
     print(info)
     if args.mode == "layer":
-        rows = bench_layers(args.lengths, args.topk)
+        rows = bench_layers(args.lengths or LENGTHS, args.topk, args.variants)
         print_layer_table(rows)
     elif args.mode == "breakdown":
-        rows = [r for N in args.lengths for r in bench_breakdown(N, args.topk)]
+        rows = [r for N in args.lengths or [98304] for r in bench_breakdown(N, args.topk)] + bench_copies()
     else:
-        rows = bench_train(args.config, args.iters)
+        rows = [r for config in args.configs for r in bench_train(config, args.iters)]
+        print_train_table(rows)
     with open(args.json, "w") as f:
         json.dump(dict(info, mode=args.mode, rows=rows), f, indent=1)
     print(f"wrote {args.json} ({time.time() - started:.0f} s)")

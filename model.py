@@ -258,10 +258,11 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab), in the autocast dtype (bf16 on a GPU)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # over all (B*T) positions
+        # the softmax in fp32; compiled, the cast fuses into the loss instead of a (B, T, vocab) fp32 copy
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # over all (B*T) positions
         return logits, loss
 
     @torch.no_grad()
@@ -272,7 +273,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
             logits, _ = self(context)
-            logits = logits[:, -1, :] / max(temperature, 1e-6)  # (B, vocab)
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # (B, vocab)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
