@@ -21,11 +21,12 @@ UNIFORM = math.log(257)  # the loss of a model that knows nothing about the next
 
 class CopyOracle(torch.nn.Module):
     """A perfect induction head: at each position it predicts the token that followed the most recent
-    earlier occurrence of the last k tokens, and spreads its bets evenly where they never occurred."""
+    earlier occurrence of the last k tokens (no more than reach tokens back, if given), and spreads its
+    bets evenly where they never occurred."""
 
-    def __init__(self, k=3, vocab_size=257):
+    def __init__(self, k=3, reach=None, vocab_size=257):
         super().__init__()
-        self.k, self.vocab_size = k, vocab_size
+        self.k, self.reach, self.vocab_size = k, reach, vocab_size
 
     def forward(self, idx):
         B, T = idx.shape
@@ -36,6 +37,8 @@ class CopyOracle(torch.nn.Module):
             match[:, :i, :] = False
             match[:, :, :i] = False
         match &= torch.ones(T, T, dtype=torch.bool).tril(-1)  # only earlier occurrences j < t
+        if self.reach is not None:
+            match &= torch.ones(T, T, dtype=torch.bool).triu(-self.reach)  # ... and t - j <= reach
         last = torch.where(match, torch.arange(T), -1).max(-1).values  # (B, T): the most recent, or -1
         found = last >= 0
         predicted = idx.gather(1, (last + 1).clamp(max=T - 1))  # (B, T): the token after it
@@ -97,7 +100,9 @@ def test_same_inputs_give_the_same_json(run_dir, tmp_path):
         run(run_dir / "ckpt.pt", *FAST, "--out", tmp_path / name, "--plot", tmp_path / "p.png")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     run(run_dir / "ckpt.pt", *FAST, "--seed", "1", "--out", tmp_path / "c.json", "--plot", tmp_path / "p.png")
-    assert (tmp_path / "c.json").read_bytes() != (tmp_path / "a.json").read_bytes()  # the seed picks the windows
+    a, c = (json.load(open(tmp_path / name))["checkpoints"][0] for name in ("a.json", "c.json"))
+    assert a["position"]["loss"] != c["position"]["loss"]  # the seed picks the windows...
+    assert a["copy"]["loss_first"] != c["copy"]["loss_first"]  # ... and the copy trials
 
 
 def test_bits_per_byte_only_for_bytes(run_dir, tmp_path):
@@ -124,7 +129,15 @@ def test_oracle_copies_at_every_distance():
         assert copy["gain"][d] > 5
 
 
-def test_untrained_model_does_not_copy(run_dir):
+def test_oracle_that_sees_700_tokens_back_copies_only_within_them():
+    # D is the real distance: the second copy is found 256 and 512 tokens back, not 1024 or 1792 back
+    data = random_bytes(20000)
+    copy = eval_long.evaluate(CopyOracle(reach=700), data, N, windows=1, trials=4, passage=128, batch=2)["copy"]
+    assert [g > 5 for g in copy["gain"]] == [True, True, False, False]
+    assert copy["gain"][2:] == pytest.approx([0, 0], abs=0.05)
+
+
+def test_untrained_model_does_not_copy():
     torch.manual_seed(0)
     model = GPT(TINY).eval()
     copy = eval_long.evaluate(model, random_bytes(20000), N, windows=1, trials=4, passage=128, batch=2)["copy"]
