@@ -11,14 +11,15 @@ the val.bin of the data it was trained on), three ways:
    the window's last C tokens, for C = 1024, 4096, 16384, ... below N. loss(C) - loss(full) is
    what the tokens more than C back are worth.
 3. Copy at a distance. A passage of --passage tokens, cut from elsewhere in the file (a different
-   one per trial), is planted 128 tokens into a real window and again D tokens later (D is start
-   to start: 256, 512, 1024, ... and the largest that fits, N - 128 - passage). A model that can
-   look D tokens back and copy scores much better on the second copy than on the first. Reported
-   per D over --trials trials: the loss on each copy, the gain (first - second) and the accuracy
-   (the fraction of tokens that are the model's argmax). The passage is natural text, so that
-   both copies are worth something to a model that copies; random letters would only measure the
-   floor. Scored are the passage's tokens after its first: the first follows unrelated text both
-   times, so no copying can predict it.
+   one per trial), is planted 128 tokens into a real window and again D tokens later. D is start
+   to start: the powers of two from 256 that are at least the passage length, and the largest D
+   that keeps both copies in the window, N - 128 - passage. A model that can look D tokens back
+   and copy scores much better on the second copy than on the first. Reported per D over --trials
+   trials: the loss on each copy, the gain (first - second) and the accuracy (the fraction of
+   tokens that are the model's argmax). The passage is natural text, so a model that reads it
+   well once can read it near-perfectly the second time; on random letters both copies would sit
+   at the floor. Scored are the passage's tokens after its first: the first follows unrelated
+   text both times, so no copying can predict it.
 
     python eval_long.py out-dense/ckpt.pt out-lh/ckpt.pt --out eval.json    # also writes eval.png
     python eval_long.py out/ckpt.pt --data data/pg19_bytes/val.bin --windows 16 --trials 8 --batch 2
@@ -124,8 +125,9 @@ def position_and_context(model, data, N, windows, batch, seed, autocast, device,
     gains = tail[:, :-1] - tail[:, -1:]  # (windows, len(contexts)): loss(C) - loss(full), per window
     position = dict(bins=[list(b) for b in bins], loss=[per_position[lo:hi].mean().item() for lo, hi in bins],
                     loss_all=per_position.mean().item())
-    context = dict(tail=TAIL, contexts=contexts, loss=tail[:, :-1].mean(0).tolist(), loss_full=tail[:, -1].mean().item(),
-                   gain=gains.mean(0).tolist(), gain_stderr=(gains.std(0) / math.sqrt(windows)).tolist())
+    context = dict(tail=TAIL, contexts=contexts, loss=tail[:, :-1].mean(0).tolist(),
+                   loss_full=tail[:, -1].mean().item(), gain=gains.mean(0).tolist(),
+                   gain_stderr=(gains.std(0) / math.sqrt(windows)).tolist())
     return position, context
 
 
@@ -150,7 +152,7 @@ def copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, b
     passages = np.stack(passages).astype(np.int64)  # (trials, passage)
 
     distances = copy_distances(N, passage)
-    # per distance and trial: mean loss on each copy, and the second copy's accuracy
+    # per distance and trial: the mean loss and the accuracy on each copy
     first, second, hits_first, hits_second = (np.zeros((len(distances), trials)) for _ in range(4))
     for d, D in enumerate(distances):
         seq = bases[:, :PREFIX + D + passage].copy()  # (trials, PREFIX + D + passage)
@@ -237,10 +239,11 @@ def plot(entries, path):
         middles = [(lo + hi) / 2 for lo, hi in pos["bins"]]
         by_position.plot(middles, pos["loss"], marker="o", label=entry["checkpoint"])
         by_distance.plot(copy["distances"], copy["gain"], marker="o", label=entry["checkpoint"])
-    by_position.set(xscale="log", xlabel="position in the window (bin middle)", ylabel="loss (nats)",
-                    title="loss by position")
-    by_distance.set(xscale="log", xlabel="distance D between the copies (tokens)",
-                    ylabel="loss on 1st copy - loss on 2nd (nats)", title="copy gain")
+    for ax in (by_position, by_distance):
+        ax.set_xscale("log", base=2)  # the bins and distances double
+    by_position.set(xlabel="position in the window (bin middle)", ylabel="loss (nats)", title="loss by position")
+    by_distance.set(xlabel="distance D between the copies (tokens)", ylabel="loss on 1st copy - loss on 2nd (nats)",
+                    title="copy gain")
     by_distance.axhline(0, color="gray", linewidth=0.5)
     by_position.legend(fontsize=7)
     fig.tight_layout()
@@ -286,8 +289,8 @@ def main(argv=None):
         entry.update(evaluate(model, data, N, args.windows, args.trials, args.passage, args.batch, args.seed,
                               args.device, desc=os.path.basename(os.path.dirname(os.path.abspath(path)))))
         # a byte-level token is one byte: bits per byte is the loss in bits
-        bytes_level = meta["tokenizer"] == "bytes"
-        entry["position"]["bits_per_byte"] = [x / math.log(2) for x in entry["position"]["loss"]] if bytes_level else None
+        nats = entry["position"]["loss"]
+        entry["position"]["bits_per_byte"] = [x / math.log(2) for x in nats] if meta["tokenizer"] == "bytes" else None
         entries.append(entry)
 
     settings = dict(windows=args.windows, trials=args.trials, passage=args.passage, prefix=PREFIX, tail=TAIL,

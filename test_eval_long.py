@@ -5,6 +5,7 @@ Tests of eval_long.py on a tiny model, on random-byte data and on an oracle that
 import dataclasses
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -167,6 +168,13 @@ def test_distances_bins_and_contexts_at_64k():
     assert eval_long.copy_distances(2048, 512) == [512, 1024, 1408]  # never closer than the passage is long
     assert eval_long.position_bins(65536)[-2:] == [(16384, 32768), (32768, 65536)]
     assert eval_long.context_lengths(65536) == [1024, 4096, 16384]
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    eval_long.plot([], tmp_path / "r.png")
+    assert not (tmp_path / "r.png").exists()
+    assert capsys.readouterr().out.startswith("matplotlib is not installed")
 
 
 @pytest.mark.parametrize("case, message", [
