@@ -16,7 +16,7 @@ from model import GPT, GPTConfig
 
 N = 2048
 TINY = GPTConfig(block_size=N, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=64)
-FAST = ["--windows", "3", "--trials", "3", "--passage", "128", "--batch", "2"]
+FAST = ["--windows", "2", "--trials", "2", "--passage", "128", "--batch", "2"]
 UNIFORM = math.log(257)  # the loss of a model that knows nothing about the next byte
 
 
@@ -78,7 +78,7 @@ def test_results_layout(run_dir, tmp_path):
     results = run(run_dir / "ckpt.pt", *FAST, "--out", tmp_path / "r.json")
     assert json.load(open(tmp_path / "r.json")) == results
     assert (tmp_path / "r.png").stat().st_size > 0  # the plot, named after --out
-    assert results["settings"] == dict(windows=3, trials=3, passage=128, prefix=128, tail=1024, batch=2, seed=0,
+    assert results["settings"] == dict(windows=2, trials=2, passage=128, prefix=128, tail=1024, batch=2, seed=0,
                                        device="cpu", dtype="float32")
     assert results["data"] is None  # each checkpoint's own val.bin
     [entry] = results["checkpoints"]
