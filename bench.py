@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -24,9 +25,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lighthouse_kernel as lk
+from model import GPT, GPTConfig, read_config_file
 
 LENGTHS = [16384, 32768, 65536, 98304, 131072, 262144, 524288]
 B, H, D, LEVELS, POOL = 1, 8, 128, 3, 4
+H100_PEAK_FLOPS = 989e12  # dense bf16 peak of one H100 SXM, train.py's default peak_flops (for MFU)
 
 
 def topk_for(N, topk=None):
@@ -121,9 +124,9 @@ def print_layer_table(rows):
               f"{r['peak_mib'] / base['peak_mib']:>9.2f}")
 
 
-def bench_breakdown(N):
+def bench_breakdown(N, topk=None):
     """Each stage of our layer on its own, forward then backward, at length N."""
-    topk = topk_for(N)
+    topk = topk_for(N, topk)
     q, k, v, dout = make_inputs(N)
     G = k.shape[1]
     q_up, q_score = lk.triton_pyramid(q, G, LEVELS, POOL, with_scores=True)
@@ -177,17 +180,20 @@ def bench_breakdown(N):
 def bench_train(config_path, iters):
     """Tokens per second of full training steps (forward, backward, AdamW) of a config's model,
     dense vs Lighthouse, on random tokens (the data does not change the work)."""
-    import train
-
-    config = train.load_config([config_path])
-    train.validate(config)
+    settings = read_config_file(config_path)
+    model_config = GPTConfig.from_settings(dict(settings, vocab_size=257))  # byte-level, as the configs train
+    model_config.check(lighthouse=True)
+    batch_size = settings.get("batch_size", 1)  # sequences per step: one micro-step of the config's
+    peak_flops = settings.get("peak_flops", H100_PEAK_FLOPS)
     rows = []
     for mode in ("dense", "lighthouse"):
         torch.manual_seed(0)
-        model = train.build_model(config, vocab_size=257).cuda()
+        model = GPT(model_config).cuda()
         model.set_attention(mode)
-        optimizer = train.configure_optimizer(model, config, "cuda")
-        x = torch.randint(0, 257, (config["batch_size"], config["block_size"] + 1), device="cuda")
+        # AdamW as train.py sets it up; its hyperparameters do not change the work
+        optimizer = model.configure_optimizer(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                              device_type="cuda")
+        x = torch.randint(0, 257, (batch_size, model_config.block_size + 1), device="cuda")  # (batch, block_size + 1)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -198,9 +204,9 @@ def bench_train(config_path, iters):
 
         torch.cuda.reset_peak_memory_stats()
         ms = time_ms(step, budget_ms=iters * 1000, max_reps=iters)
-        tokens = config["batch_size"] * config["block_size"]
+        tokens = batch_size * model_config.block_size
         rows.append(dict(config=config_path, mode=mode, ms_per_step=ms, tok_per_s=tokens / ms * 1e3,
-                         mfu=model.estimate_mfu(tokens / ms * 1e3, config["peak_flops"]),
+                         mfu=model.estimate_mfu(tokens / ms * 1e3, peak_flops),
                          peak_gib=torch.cuda.max_memory_allocated() / 2**30))
         print(json.dumps(rows[-1]), flush=True)
         del model, optimizer
@@ -230,7 +236,10 @@ def main():
     elif args.mode == "breakdown":
         rows = [r for N in args.lengths for r in bench_breakdown(N, args.topk)]
     else:
-        rows = bench_train(args.config, args.iters)
+        try:
+            rows = bench_train(args.config, args.iters)
+        except ValueError as e:  # an unreadable config file, or settings the model cannot run
+            sys.exit(f"error: {e}")
     with open(args.json, "w") as f:
         json.dump(dict(info, mode=args.mode, rows=rows), f, indent=1)
     print(f"wrote {args.json} ({time.time() - started:.0f} s)")
