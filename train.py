@@ -3,7 +3,7 @@ Two-phase Lighthouse training: `lighthouse_iters` steps with Lighthouse attentio
 not listed in `dense_layers`, then `recovery_iters` steps with dense attention everywhere. The
 run ends with an ordinary dense model. lighthouse_iters=0 is the dense baseline.
 
-    python train.py                                          # the built-in defaults: config/quick_cpu.py's run, in out/
+    python train.py                                          # the defaults: config/quick_cpu.py's run, in out/
     python train.py config/quick_cpu.py                      # a config file...
     python train.py config/books_32k.py --batch_size=2       # ...plus --key=value overrides
     python train.py config/quick_cpu.py --init_from=resume   # continue a stopped run exactly
@@ -664,7 +664,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nkeys and their defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        print("\nkeys and their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in DEFAULTS.items()))
         return None
     try:
         summary = train(load_config(argv))
