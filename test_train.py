@@ -555,18 +555,26 @@ def ctrl_c_in_iteration(monkeypatch, iteration, times=1):
     monkeypatch.setattr(train.Batches, "next", next_batch)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("iteration", [6, 8])  # 6: the last Lighthouse iteration, before the switch
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, capsys, iteration):
     """Defect 9: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly."""
-    ctrl_c_in_iteration(monkeypatch, 8)
+    ctrl_c_in_iteration(monkeypatch, iteration)
     handler = signal.getsignal(signal.SIGINT)
     summary = run(dataset, tmp_path)
-    assert summary["interrupted"] and summary["iter"] == 8
+    assert summary["interrupted"] and summary["iter"] == iteration
     assert signal.getsignal(signal.SIGINT) is handler  # given back
-    assert "interrupted at iteration 8; checkpoint saved; resume with --init_from=resume" in capsys.readouterr().out
-    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["state"]["iter"] == 8
+    assert (f"interrupted at iteration {iteration}; checkpoint saved; resume with --init_from=resume"
+            in capsys.readouterr().out)
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["state"]["iter"] == iteration
     monkeypatch.undo()
     run(dataset, tmp_path, init_from="resume")
     assert untimed_records(tmp_path) == untimed_records(finished)  # bitwise the same losses, the same records
+
+
+def test_ctrl_c_in_the_last_iteration_lets_the_run_finish(dataset, finished, tmp_path, monkeypatch):
+    ctrl_c_in_iteration(monkeypatch, 10)
+    assert not run(dataset, tmp_path)["interrupted"]
+    assert untimed_records(tmp_path) == untimed_records(finished)  # with its final evaluation
 
 
 def test_ctrl_c_exits_130_and_a_second_one_aborts(dataset, tmp_path, monkeypatch, capsys):

@@ -631,22 +631,26 @@ def train(config):
         phase = "lighthouse" if run.state["iter"] < config["lighthouse_iters"] else "dense"
         run.raw_model.set_attention(phase)
         with CtrlC(say=procs.master) as ctrl_c:
+            stop = False
             while run.state["iter"] < run.total:
                 if run.state["iter"] == config["lighthouse_iters"] and phase == "lighthouse":
                     phase = switch_to_dense(run)
-                if procs.master and eval_due(run.state, config):
-                    run.evaluate_and_log(phase)
-                lr, train_loss, grad_norm, seconds, stop = run.step(ctrl_c)
-                run.count(phase, seconds)
-                if procs.master:
-                    run.log_step(phase, lr, train_loss, grad_norm, seconds)
-                if stop:  # every process stops here, after the same iteration
+                # a Ctrl-C in the last iteration (on any process): every process stops here, after the
+                # switch if one was due, so that the checkpoint needs nothing redone (in the run's last
+                # iteration the run simply finishes)
+                if stop:
                     run.bar.close()
                     run.save()
                     if procs.master:
                         print(f"interrupted at iteration {run.state['iter']}; checkpoint saved; "
                               f"resume with --init_from=resume")
                     return run.summary(interrupted=True)
+                if procs.master and eval_due(run.state, config):
+                    run.evaluate_and_log(phase)
+                lr, train_loss, grad_norm, seconds, stop = run.step(ctrl_c)
+                run.count(phase, seconds)
+                if procs.master:
+                    run.log_step(phase, lr, train_loss, grad_norm, seconds)
                 if (config["ckpt_interval"] and run.state["iter"] % config["ckpt_interval"] == 0
                         and run.state["iter"] < run.total):  # the end has its own checkpoint
                     run.save()
