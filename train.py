@@ -652,8 +652,8 @@ def train(config):
                 if procs.master:
                     run.log_step(phase, lr, train_loss, grad_norm, seconds)
                 if (config["ckpt_interval"] and run.state["iter"] % config["ckpt_interval"] == 0
-                        and run.state["iter"] < run.total):  # the end has its own checkpoint
-                    run.save()
+                        and run.state["iter"] not in (config["lighthouse_iters"], run.total)):
+                    run.save()  # (the switch and the end write their own, after their evaluations)
             run.bar.close()
             if procs.master:
                 run.evaluate_and_log(phase)
