@@ -482,23 +482,28 @@ def test_resuming_a_finished_run_adds_nothing(dataset, finished, tmp_path, capsy
     assert summary["iter"] == 10 and summary["final_val_loss"] == records(out)[-1]["val_loss"]
 
 
-@pytest.mark.parametrize("damage", [lambda data: data[:len(data) // 2], lambda data: b"",
-                                    lambda data: bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8))],
-                         ids=["truncated", "empty", "garbage"])
-def test_damaged_checkpoint(dataset, finished, tmp_path, capsys, damage):
-    """Defect 6: a damaged ckpt.pt falls back to ckpt.prev.pt, and resumes from it exactly;
-    without a usable ckpt.prev.pt the error names both files."""
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(dataset, finished, tmp_path, capsys):
+    """Defect 6: a truncated ckpt.pt, and the run resumes exactly from ckpt.prev.pt (the switch's, at 6)."""
     out = copy_run(finished, tmp_path)
-    (out / "ckpt.pt").write_bytes(damage((out / "ckpt.pt").read_bytes()))
-    run(dataset, out, init_from="resume")  # from the switch's checkpoint, at 6
-    assert f"warning: {out}/ckpt.pt is damaged or not a checkpoint" in capsys.readouterr().out
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:100000])
+    run(dataset, out, init_from="resume")
+    assert f"warning: {out}/ckpt.pt is damaged or not a checkpoint (truncated or empty?)" in capsys.readouterr().out
     assert untimed_records(out) == untimed_records(finished)
 
-    (out / "ckpt.pt").write_bytes(damage((out / "ckpt.pt").read_bytes()))
-    (out / "ckpt.prev.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train.ConfigError, match=f"(?s)cannot resume from {out}/ckpt.pt or {out}/ckpt.prev.pt:"
-                                                f".*ckpt.pt is damaged.*ckpt.prev.pt is damaged.*--init_from=scratch"):
-        run(dataset, out, init_from="resume")
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: data[:len(data) // 2], "truncated or empty"), (lambda data: b"", "truncated or empty"),
+    (lambda data: bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8)), "not a file written by torch.save"),
+], ids=["truncated", "empty", "garbage"])
+def test_damaged_checkpoints_are_named(finished, tmp_path, damage, reason):
+    """Defect 6: when neither checkpoint can be used, the error names both, and why."""
+    out = copy_run(finished, tmp_path)
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        (out / name).write_bytes(damage((out / name).read_bytes()))
+    with pytest.raises(train.ConfigError, match=f"(?s)cannot resume from {out}/ckpt.pt or {out}/ckpt.prev.pt:\n"
+                                                f"  {out}/ckpt.pt is damaged.*{reason}.*\n"
+                                                f"  {out}/ckpt.prev.pt is damaged.*{reason}.*--init_from=scratch"):
+        train.load_resume_checkpoint(str(out))
 
 
 def test_resuming_with_other_model_settings_lists_them(dataset, finished, tmp_path):
@@ -555,9 +560,10 @@ def ctrl_c_in_iteration(monkeypatch, iteration, times=1):
     monkeypatch.setattr(train.Batches, "next", next_batch)
 
 
-@pytest.mark.parametrize("iteration", [6, 8])  # 6: the last Lighthouse iteration, before the switch
-def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, capsys, iteration):
-    """Defect 9: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly."""
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, capsys):
+    """Defect 9: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly.
+    In the last Lighthouse iteration: the switch is due when the run stops, and must not be lost."""
+    iteration = 6
     ctrl_c_in_iteration(monkeypatch, iteration)
     handler = signal.getsignal(signal.SIGINT)
     summary = run(dataset, tmp_path)
