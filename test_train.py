@@ -462,11 +462,12 @@ def copy_run(finished, tmp_path):
 def test_checkpoints_are_plain_data_and_keep_the_one_before(finished):
     ckpt = load_checkpoint(str(finished / "ckpt.pt"))  # weights_only=True
     assert ckpt["state"]["iter"] == 10 and load_checkpoint(str(finished / "ckpt.prev.pt"))["state"]["iter"] == 6
-    assert ckpt["model_config"] == dict(GPTConfig.from_settings(dict(TINY, vocab_size=257)).__dict__)
+    assert ckpt["model_config"] == dataclasses.asdict(GPTConfig.from_settings(dict(TINY, vocab_size=257)))
     assert ckpt["data_dir"] == os.path.abspath(ckpt["config"]["dataset"]) and ckpt["meta"]["vocab_size"] == 257
 
 
 def test_a_new_run_never_keeps_another_runs_checkpoint(dataset, finished, tmp_path):
+    """A scratch run in an old run's out_dir: the old ckpt.prev.pt must not become this run's fallback."""
     out = copy_run(finished, tmp_path)
     run(dataset, out, lighthouse_iters=0, recovery_iters=2, ckpt_interval=0)  # one checkpoint, at the end
     assert load_checkpoint(str(out / "ckpt.pt"))["state"]["iter"] == 2 and not (out / "ckpt.prev.pt").exists()
@@ -545,7 +546,7 @@ def test_a_checkpoint_holding_code_is_refused(dataset, tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 def ctrl_c_in_iteration(monkeypatch, iteration, times=1):
-    """Batches.next sends this process SIGINT (times times) when it draws iteration's training batch."""
+    """Batches.next sends this process SIGINT, `times` times, as it draws the training batch of `iteration`."""
     calls = {"n": 0}
     original = train.Batches.next
 
@@ -578,6 +579,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_pa
 
 
 def test_ctrl_c_in_the_last_iteration_lets_the_run_finish(dataset, finished, tmp_path, monkeypatch):
+    """Stopping there would leave a run that lacks only its final evaluation."""
     ctrl_c_in_iteration(monkeypatch, 10)
     assert not run(dataset, tmp_path)["interrupted"]
     assert untimed_records(tmp_path) == untimed_records(finished)  # with its final evaluation
