@@ -334,7 +334,10 @@ def main():
     elif args.mode == "breakdown":
         rows = [r for N in args.lengths or [98304] for r in bench_breakdown(N, args.topk)] + bench_copies()
     else:
-        rows = [r for config in args.configs for r in bench_train(config, args.iters)]
+        try:
+            rows = [r for config in args.configs for r in bench_train(config, args.iters)]
+        except ValueError as e:  # an unreadable config file, or settings the model cannot run
+            raise SystemExit(f"error: {e}") from None
         print_train_table(rows)
     with open(args.json, "w") as f:
         json.dump(dict(info, mode=args.mode, rows=rows), f, indent=1)

@@ -102,10 +102,11 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if "Unsupported global" in str(e):  # a class or function: unpickling it could run code
             raise CheckpointError(f"{path} holds Python objects, not only plain data; it was not written by "
                                   f"train.py and loading it could run code, so it is refused") from None
-        raise CheckpointError(f"{path} is not a checkpoint (unreadable: {e})") from None
+        # any other refusal of the weights-only unpickler: bytes that are no pickle at all
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (not a file written by torch.save)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is damaged or not a checkpoint (truncated or empty?): {reason}") from None

@@ -10,24 +10,37 @@ Needs matplotlib (optional: pip install matplotlib).
 import argparse
 import json
 import os
+import sys
 
 
 def load(path):
-    records = [json.loads(line) for line in open(path)]
+    """(the evaluation records, the first dense-phase record or None) of a metrics.jsonl file."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: {path} not found")
+    with open(path) as f:
+        try:
+            records = [json.loads(line) for line in f]
+        except json.JSONDecodeError as e:
+            sys.exit(f"error: {path} is not a metrics.jsonl file written by train.py ({e})")
     evals = [r for r in records if "val_loss" in r]
+    if not evals:
+        sys.exit(f"error: {path} has no validation loss records yet")
     # the first dense-phase record marks the switch, if the run had a Lighthouse phase
     lighthouse = any(r["phase"] == "lighthouse" for r in records)
     switch = next((r for r in records if r["phase"] == "dense"), None) if lighthouse else None
     return evals, switch
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run")
     parser.add_argument("--labels", nargs="+", help="a label per run (default: the folder names)")
     parser.add_argument("--out", default="assets/runs.png")
-    args = parser.parse_args()
-    import matplotlib
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+    except ModuleNotFoundError:  # optional: only this script needs it
+        sys.exit("plot_runs.py needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -54,7 +67,8 @@ def main():
             at = max((r for r in evals if r["tokens"] <= switch["tokens"] - 1), key=lambda r: r["tokens"])
             by_time.axvline(at["elapsed_s"], color=line.get_color(), linestyle="--", linewidth=1)
             by_tokens.axvline(at["tokens"] / 1e6, color=line.get_color(), linestyle="--", linewidth=1)
-    by_time.set_ylim(min(shown) - 0.05, max(shown) + 0.1)
+    if shown:
+        by_time.set_ylim(min(shown) - 0.05, max(shown) + 0.1)
     by_time.set_xlabel("training wall-clock seconds (eval excluded)")
     by_tokens.set_xlabel("training tokens (millions)")
     by_time.set_ylabel("validation loss (dense attention)")

@@ -276,6 +276,29 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
+STAGING_FILE = re.compile(r"\.(all|train|val|meta)\.(\d+)\.tmp")  # prepare()'s, named by process id
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's
+        return True
+    return True
+
+
+def remove_stale_staging_files(out_dir):
+    """Delete the staging files of runs that were killed (SIGKILL, out of memory): they never
+    reached their clean-up, and for a big corpus they hold hundreds of MB. A file whose process
+    still exists belongs to another run at work and stays."""
+    for name in os.listdir(out_dir):
+        match = STAGING_FILE.fullmatch(name)
+        if match and not process_exists(int(match.group(2))):
+            os.remove(os.path.join(out_dir, name))
+
+
 def default_name(first_input):
     path = os.path.normpath(first_input)
     while any(c in os.path.basename(path) for c in "*?["):  # a glob: name it after its folder
@@ -306,6 +329,7 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
 
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_staging_files(out_dir)
     tmp = {k: os.path.join(out_dir, f".{k}.{os.getpid()}.tmp") for k in ("all", "train", "val", "meta")}
     try:
         # 1. All documents' tokens, one after another, into a staging file; only their lengths stay in memory.

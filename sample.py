@@ -1,23 +1,45 @@
 """
 Sample text from a trained checkpoint, always with dense attention.
 
+    python sample.py                                 # out/ckpt.pt (out is train.py's default out_dir)
+    python sample.py config/quick_cpu.py             # the checkpoint of that config's run (its out_dir)
     python sample.py --out_dir=out-quick-cpu --start="ROMEO:" --num_samples=2 --max_new_tokens=300
 """
 
 import argparse
 import contextlib
-import json
 import os
+import sys
 
 import torch
 
 import prepare_data
-from train import build_model
+from model import GPT, CheckpointError, read_config_file
+
+DEFAULT_OUT_DIR = "out"  # train.py's default out_dir
+
+
+def checkpoint_path(args):
+    """(out_dir/ckpt.pt, the train.py command that writes it): --out_dir, else the config file's
+    out_dir, else train.py's default."""
+    out_dir, command = args.out_dir, "python train.py"
+    if args.config:
+        command += f" {args.config}"
+        if out_dir is None:
+            try:
+                out_dir = read_config_file(args.config).get("out_dir", DEFAULT_OUT_DIR)
+            except ValueError as e:  # the message names the file
+                sys.exit(f"error: {e}")
+    if args.out_dir:
+        command += f" --out_dir={args.out_dir}"
+    return os.path.join(out_dir or DEFAULT_OUT_DIR, "ckpt.pt"), command
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
+    parser.add_argument("config", nargs="?", help="a train.py config file: sample from its run's out_dir")
+    parser.add_argument("--out_dir", help=f"folder holding ckpt.pt (default: the config file's out_dir, "
+                                          f"else {DEFAULT_OUT_DIR})")
     parser.add_argument("--start", default="\n", help="the prompt; FILE:path reads it from a file")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=500)
@@ -26,19 +48,23 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: --device={args.device} but no CUDA GPU is available; use --device=cpu")
 
-    path = os.path.join(args.out_dir, "ckpt.pt")
+    path, command = checkpoint_path(args)
     if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: train a model first (python train.py config/quick_cpu.py)")
-    ckpt = torch.load(path, map_location=args.device, weights_only=False)
-    model = build_model(ckpt["config"], ckpt["meta"]["vocab_size"]).to(args.device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+        sys.exit(f"{path} not found: train a model first ({command})")
+    try:
+        model, ckpt = GPT.from_checkpoint(path, args.device)  # plain data only: a shared file cannot run code
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
     encode, decode = prepare_data.load_tokenizer(ckpt["meta"])
 
     prompt = args.start
     if prompt.startswith("FILE:"):
         prompt = open(prompt[5:], encoding="utf-8").read()
+    if not prompt:
+        sys.exit("error: the prompt is empty; give --start some text")
     start = torch.tensor([encode(prompt)], dtype=torch.long, device=args.device)  # (1, prompt tokens)
     torch.manual_seed(args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()

@@ -5,6 +5,8 @@ import gzip
 import json
 import lzma
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,6 +206,24 @@ def test_failure_leaves_previous_output_alone(tmp_path):
     with pytest.raises(ValueError, match="cannot decompress"):
         pd.prepare([str(tmp_path / "corpus")], out_dir=out, quiet=True)
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+
+
+def test_staging_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """Defect 7: a prepare_data.py killed with SIGKILL cannot clean up after itself."""
+    make_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, prepare_data\n"
+        "prepare_data.batch_encoder = lambda tokenizer: lambda docs: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"prepare_data.prepare([{str(tmp_path / 'corpus')!r}], out_dir={str(out)!r}, quiet=True)\n")],
+        cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert killed.returncode == -9
+    left = os.listdir(out)
+    assert len(left) == 1 and pd.STAGING_FILE.fullmatch(left[0])  # killed while tokenizing: .all.<pid>.tmp
+    working = out / f".all.{os.getppid()}.tmp"  # a process that is still there: another run at work
+    working.write_bytes(b"\x01\x02")
+    pd.prepare([str(tmp_path / "corpus")], out_dir=str(out), quiet=True)
+    assert sorted(os.listdir(out)) == sorted([working.name, "meta.json", "train.bin", "val.bin"])
 
 
 # ----------------------------------------------------------------------------- the default corpus

@@ -2,8 +2,12 @@
 Tests of model.py, train.py and sample.py on a tiny model and tiny synthetic data (CPU, fast).
 """
 
+import dataclasses
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,7 +17,7 @@ import torch
 
 import sample
 import train
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint, read_config_file
 
 TINY = dict(
     block_size=512, batch_size=2, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=64,
@@ -23,18 +27,25 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A byte-level dataset whose text repeats, so a tiny model learns it in a few steps."""
-    folder = tmp_path_factory.mktemp("data")
+def write_dataset(folder):
+    """A byte-level dataset whose text repeats, so a tiny model learns it in a few steps; meta.json
+    as prepare_data.py writes it."""
     rng = np.random.default_rng(0)
     words = [b"the ", b"light ", b"house ", b"keeps ", b"watch ", b"over ", b"sea ", b"\n"]
     text = b"".join(words[i] for i in rng.integers(0, len(words), 20000))
     tokens = np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
-    tokens[:-10000].tofile(folder / "train.bin")
-    tokens[-10000:].tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps(dict(tokenizer="bytes", vocab_size=257, eot_id=256)))
+    splits = dict(train=tokens[:-10000], val=tokens[-10000:])
+    for split, part in splits.items():
+        part.tofile(folder / f"{split}.bin")
+    meta = dict(tokenizer="bytes", vocab_size=257, eot_id=256, dtype="uint16",
+                **{split: dict(docs=1, tokens=len(part)) for split, part in splits.items()})
+    (folder / "meta.json").write_text(json.dumps(meta))
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
 
 
 def run(dataset, out_dir, **overrides):
@@ -45,6 +56,12 @@ def run(dataset, out_dir, **overrides):
 
 def records(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def untimed_records(out_dir):
+    """metrics.jsonl without the fields that depend on the machine's speed."""
+    timing = ("elapsed_s", "tok_per_s", "mfu", "peak_mem_gb")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records(out_dir)]
 
 
 def train_losses(out_dir):
@@ -178,10 +195,14 @@ def test_dense_model_is_causal():
     (dict(n_kv_head=3, n_head=4, n_embd=32), "n_head .* must be a multiple of n_kv_head"),
     (dict(n_embd=31), "n_embd .* must be a multiple of n_head"),
     (dict(dense_layers=[2]), "dense_layers entry 2"),
-    (dict(lr_schedule="linear"), "lr_schedule must be"),
     (dict(lighthouse_iters=0, recovery_iters=0), "nothing to train"),
     (dict(dataset="/nonexistent/folder"), "train.bin not found"),
     (dict(init_from="resume", out_dir="/nonexistent/out"), "ckpt.pt does not exist"),
+    (dict(n_head=0), "n_head must be >= 1"),  # defect 8
+    (dict(n_embd=0), "n_embd must be >= 1"),
+    (dict(eval_iters=0), "eval_iters must be >= 1"),
+    (dict(out_dir=__file__), "is a file, not a folder"),
+    (dict(device="gpu"), "device must be"),
 ])
 def test_bad_config_fails_before_training(dataset, overrides, message):
     config = dict(train.DEFAULTS, **TINY, dataset=dataset)
@@ -215,6 +236,113 @@ def test_config_parsing(tmp_path):
         train.load_config(["--batch_size=2.5"])
     with pytest.raises(SystemExit, match="config error: unknown config key"):
         train.main(["--lighthouse_itres=3"])
+
+
+def test_keys_with_a_fixed_set_of_values(tmp_path):
+    assert train.load_config(["--lr_schedule=cosine", "--lh_scorer=dilated"])["lh_scorer"] == "dilated"
+    compile_values = [train.load_config([f"--compile={v}"])["compile"] for v in ("auto", "True", "False")]
+    assert compile_values == ["auto", True, False]
+    for arg, message in [("--lr_schedule=linear", "lr_schedule must be one of 'constant', 'cosine'"),
+                         ("--init_from=resumed", "init_from must be one of"), ("--lh_rope=after", "lh_rope must be"),
+                         ("--compile=1", "compile must be one of 'auto', True, False")]:  # 1 == True, but not a choice
+        with pytest.raises(train.ConfigError, match=message):
+            train.load_config([arg])
+    path = tmp_path / "cfg.py"
+    path.write_text("lh_scorer = 'max'\n")
+    with pytest.raises(train.ConfigError, match=f"lh_scorer must be one of .*got .max. \\(in {path}\\)"):
+        train.load_config([str(path)])
+
+
+def test_defaults_are_a_valid_run_the_quick_start_one():
+    """Defect 3: `python train.py` alone is config/quick_cpu.py's run, written to out/."""
+    train.validate(dict(train.DEFAULTS))
+    model_keys = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+    assert model_keys <= set(train.DEFAULTS)  # every model setting is a key, with GPTConfig's default
+    assert all(train.DEFAULTS[k] == getattr(GPTConfig(), k) for k in model_keys)
+    quick = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "quick_cpu.py"))
+    differ = {k for k in quick if quick[k] != train.DEFAULTS[k]}
+    assert differ == {"out_dir", "device"}
+    assert train.DEFAULTS["out_dir"] == "out" and train.DEFAULTS["device"] == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_device_without_a_gpu_is_a_config_error(dataset, tmp_path):
+    """Defect 4: the trainer's own message, not a torch traceback from torch.cuda.set_device."""
+    with pytest.raises(SystemExit, match="config error: device is cuda but no CUDA GPU is available"):
+        train.main([f"--dataset={dataset}", f"--out_dir={tmp_path}", "--device=cuda"])
+
+
+def test_config_file_with_a_syntax_error_is_named(tmp_path):
+    """Defect 8."""
+    path = tmp_path / "broken.py"
+    path.write_text("n_layer = 4\nlearning_rate = 3e-3 +\n")
+    with pytest.raises(SystemExit, match=f"config error: config file {path} could not be read: SyntaxError"):
+        train.main([str(path)])
+
+
+def test_a_bad_setting_writes_nothing(dataset, tmp_path):
+    """Defect 8: --eval_iters=0 used to fail after start-up, with metrics.jsonl already emptied."""
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 5}\n')
+    with pytest.raises(train.ConfigError, match="eval_iters must be >= 1"):
+        run(dataset, tmp_path, eval_iters=0)
+    assert os.listdir(tmp_path) == ["metrics.jsonl"] and (tmp_path / "metrics.jsonl").read_text() == '{"iter": 5}\n'
+
+
+def set_meta(**changes):
+    def damage(folder):
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps(dict(meta, **changes)))
+    return damage
+
+
+def append_bytes(name, data):
+    def damage(folder):
+        with open(folder / name, "ab") as f:
+            f.write(data)
+    return damage
+
+
+def put_token(name, token):
+    def damage(folder):
+        tokens = np.fromfile(folder / name, dtype=np.uint16)
+        tokens[100] = token
+        tokens.tofile(folder / name)
+    return damage
+
+
+def cut_tokens(name, n):
+    def damage(folder):
+        tokens = np.fromfile(folder / name, dtype=np.uint16)
+        tokens[:-n].tofile(folder / name)
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    (append_bytes("train.bin", b"\x07"), r"train.bin has \d+ bytes, not a whole number of 2-byte tokens"),
+    (append_bytes("val.bin", b"\x07"), r"val.bin has \d+ bytes, not a whole number"),
+    (append_bytes("meta.json", b"}"), "meta.json is not valid JSON"),
+    (put_token("val.bin", 300), "val.bin holds the token id 300, outside meta.json's vocab_size 257"),
+    (set_meta(tokenizer="gpt2"), "vocab_size 257 does not match its tokenizer 'gpt2', whose vocab_size is 50257"),
+    (set_meta(tokenizer="sentencepiece"), "names the tokenizer 'sentencepiece'; known: bytes, gpt2"),
+    (cut_tokens("train.bin", 10), r"train.bin has [\d,]+ tokens, shorter than meta.json says"),
+])
+def test_bad_data_files_are_named_before_any_work(dataset, tmp_path, damage, message):
+    """Defect 5."""
+    folder = tmp_path / "data"
+    shutil.copytree(dataset, folder)
+    damage(folder)
+    with pytest.raises(train.ConfigError, match=message):
+        run(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_setting(dataset, tmp_path, monkeypatch):
+    """compile='auto' is eager on a CPU; True and False force it (torch.compile itself is stubbed out)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    for setting in ("auto", False, True):
+        run(dataset, tmp_path / str(setting), compile=setting, lighthouse_iters=0, recovery_iters=1)
+    assert len(compiled) == 1 and isinstance(compiled[0], GPT)
 
 
 def test_sample_from_checkpoint(dataset, tmp_path):
@@ -265,6 +393,46 @@ def test_ddp_two_processes_match_one_process(dataset, tmp_path):
     assert all(abs(two[it] - straight[it]) < 1e-5 for it in (5, 6)), (two, straight)
 
 
+def rank_pid(torchrun_pid, rank):
+    """The process id of torchrun's worker with this RANK (Linux: its children, and their environment)."""
+    children = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_ddp_ctrl_c_on_one_rank_stops_all_after_the_same_iteration(dataset, tmp_path):
+    """Defect 9 under torchrun: a SIGINT that reaches only rank 1 still stops rank 0 after the same
+    iteration (the flag travels with the loss's all_reduce); rank 0 saves that iteration."""
+    overrides = {**TINY, "dataset": dataset, "out_dir": tmp_path, "gradient_accumulation_steps": 2,
+                 "lighthouse_iters": 0, "recovery_iters": 100000, "ckpt_interval": 0}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *[f"--{k}={v}" for k, v in overrides.items()]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)),
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:  # rank 0's log lines
+        lines.append(line)
+        if line.startswith("iter 3 (dense)"):
+            os.kill(rank_pid(proc.pid, rank=1), signal.SIGINT)
+            break
+    try:
+        output = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:  # hung: on SIGTERM torchrun stops its workers (they run in sessions of their own)
+            proc.terminate()
+            proc.wait(timeout=60)
+    stopped = re.search(r"interrupted at iteration (\d+); checkpoint saved", output)
+    assert stopped, output[-3000:]
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["state"]["iter"] == int(stopped.group(1)) >= 3
+    assert sorted(train_losses(tmp_path)) == list(range(1, ckpt["state"]["iter"] + 1))
+
+
 def test_lookahead_probe_sees_the_leak_only_where_it_can_be(dataset, tmp_path):
     """probe_lookahead.py: changing the future moves Lighthouse predictions only inside the cut's
     tile; dense predictions, and Lighthouse ones in the tile before, do not move at all."""
@@ -274,3 +442,158 @@ def test_lookahead_probe_sees_the_leak_only_where_it_can_be(dataset, tmp_path):
     assert all(d == 0 for d in diffs["dense"]["in_tile"] + diffs["dense"]["tile_before"])
     assert all(d == 0 for d in diffs["lighthouse"]["tile_before"])
     assert any(d != 0 for d in diffs["lighthouse"]["in_tile"])
+
+
+# ----------------------------------------------------------------------------- checkpoints and resuming
+
+@pytest.fixture(scope="module")
+def finished(dataset, tmp_path_factory):
+    """A finished TINY run: checkpoints at 5, at the switch (6) and at the end (10)."""
+    out_dir = tmp_path_factory.mktemp("finished")
+    run(dataset, out_dir)
+    return out_dir
+
+
+def copy_run(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_checkpoints_are_plain_data_and_keep_the_one_before(finished):
+    ckpt = load_checkpoint(str(finished / "ckpt.pt"))  # weights_only=True
+    assert ckpt["state"]["iter"] == 10 and load_checkpoint(str(finished / "ckpt.prev.pt"))["state"]["iter"] == 6
+    assert ckpt["model_config"] == dataclasses.asdict(GPTConfig.from_settings(dict(TINY, vocab_size=257)))
+    assert ckpt["data_dir"] == os.path.abspath(ckpt["config"]["dataset"]) and ckpt["meta"]["vocab_size"] == 257
+
+
+def test_a_new_run_never_keeps_another_runs_checkpoint(dataset, finished, tmp_path):
+    """A scratch run in an old run's out_dir: the old ckpt.prev.pt must not become this run's fallback."""
+    out = copy_run(finished, tmp_path)
+    run(dataset, out, lighthouse_iters=0, recovery_iters=2, ckpt_interval=0)  # one checkpoint, at the end
+    assert load_checkpoint(str(out / "ckpt.pt"))["state"]["iter"] == 2 and not (out / "ckpt.prev.pt").exists()
+
+
+def test_resuming_a_finished_run_adds_nothing(dataset, finished, tmp_path, capsys):
+    """Defect 10: it used to append a duplicate final record to metrics.jsonl."""
+    out = copy_run(finished, tmp_path)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    summary = run(dataset, out, init_from="resume")
+    assert "already finished at iteration 10" in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert summary["iter"] == 10 and summary["final_val_loss"] == records(out)[-1]["val_loss"]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(dataset, finished, tmp_path, capsys):
+    """Defect 6: a truncated ckpt.pt, and the run resumes exactly from ckpt.prev.pt (the switch's, at 6)."""
+    out = copy_run(finished, tmp_path)
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:100000])
+    run(dataset, out, init_from="resume")
+    assert f"warning: {out}/ckpt.pt is damaged or not a checkpoint (truncated or empty?)" in capsys.readouterr().out
+    assert untimed_records(out) == untimed_records(finished)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: data[:len(data) // 2], "truncated or empty"), (lambda data: b"", "truncated or empty"),
+    (lambda data: bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8)), "not a file written by torch.save"),
+], ids=["truncated", "empty", "garbage"])
+def test_damaged_checkpoints_are_named(finished, tmp_path, damage, reason):
+    """Defect 6: when neither checkpoint can be used, the error names both, and why."""
+    out = copy_run(finished, tmp_path)
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        (out / name).write_bytes(damage((out / name).read_bytes()))
+    with pytest.raises(train.ConfigError, match=f"(?s)cannot resume from {out}/ckpt.pt or {out}/ckpt.prev.pt:\n"
+                                                f"  {out}/ckpt.pt is damaged.*{reason}.*\n"
+                                                f"  {out}/ckpt.prev.pt is damaged.*{reason}.*--init_from=scratch"):
+        train.load_resume_checkpoint(str(out))
+
+
+def test_resuming_with_other_model_settings_lists_them(dataset, finished, tmp_path):
+    """Defect 6: each differing model setting, the checkpoint's value against the asked one."""
+    out = copy_run(finished, tmp_path)
+    with pytest.raises(train.ConfigError, match=r"(?s)holds a model with other settings:\n"
+                                                r"  n_embd: 32 in the checkpoint, 64 asked\n"
+                                                r"  ffn_hidden: 64 in the checkpoint, 128 asked\n"
+                                                r"resume with the settings it was trained with"):
+        run(dataset, out, init_from="resume", n_embd=64, ffn_hidden=128)
+    # the trainer's own settings may change: two more recovery steps
+    run(dataset, out, init_from="resume", recovery_iters=6, activation_checkpointing=True)
+    assert sorted(train_losses(out)) == list(range(1, 13))
+
+
+class RunsCode:
+    """Unpickling this creates a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_checkpoint_holding_code_is_refused(dataset, tmp_path):
+    """Defect 13: checkpoints are read with weights_only=True, by the trainer and by sample.py."""
+    marker = tmp_path / "code-ran"
+    (tmp_path / "out").mkdir()
+    torch.save(dict(model={}, model_config={}, config={}, meta={}, evil=RunsCode(str(marker))),
+               tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(train.ConfigError, match="holds Python objects, not only plain data.*refused"):
+        run(dataset, tmp_path / "out", init_from="resume")
+    with pytest.raises(SystemExit, match="holds Python objects, not only plain data.*refused"):
+        sample.main(["--out_dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def ctrl_c_in_iteration(monkeypatch, iteration, times=1):
+    """Batches.next sends this process SIGINT, `times` times, as it draws the training batch of `iteration`."""
+    calls = {"n": 0}
+    original = train.Batches.next
+
+    def next_batch(self):
+        if self.path.endswith("train.bin"):
+            calls["n"] += 1
+            if calls["n"] == iteration:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(train.Batches, "next", next_batch)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, capsys):
+    """Defect 9: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly.
+    In the last Lighthouse iteration: the switch is due when the run stops, and must not be lost."""
+    iteration = 6
+    ctrl_c_in_iteration(monkeypatch, iteration)
+    handler = signal.getsignal(signal.SIGINT)
+    summary = run(dataset, tmp_path)
+    assert summary["interrupted"] and summary["iter"] == iteration
+    assert signal.getsignal(signal.SIGINT) is handler  # given back
+    assert (f"interrupted at iteration {iteration}; checkpoint saved; resume with --init_from=resume"
+            in capsys.readouterr().out)
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["state"]["iter"] == iteration
+    monkeypatch.undo()
+    run(dataset, tmp_path, init_from="resume")
+    assert untimed_records(tmp_path) == untimed_records(finished)  # bitwise the same losses, the same records
+
+
+def test_ctrl_c_in_the_last_iteration_lets_the_run_finish(dataset, finished, tmp_path, monkeypatch):
+    """Stopping there would leave a run that lacks only its final evaluation."""
+    ctrl_c_in_iteration(monkeypatch, 10)
+    assert not run(dataset, tmp_path)["interrupted"]
+    assert untimed_records(tmp_path) == untimed_records(finished)  # with its final evaluation
+
+
+def test_ctrl_c_exits_130_and_a_second_one_aborts(dataset, tmp_path, monkeypatch, capsys):
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [f"--dataset={dataset}"]
+    ctrl_c_in_iteration(monkeypatch, 3)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args + [f"--out_dir={tmp_path / 'once'}"])
+    assert stopped.value.code == 130 and load_checkpoint(str(tmp_path / "once" / "ckpt.pt"))["state"]["iter"] == 3
+    ctrl_c_in_iteration(monkeypatch, 3, times=2)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as aborted:
+        train.main(args + [f"--out_dir={tmp_path / 'twice'}"])
+    assert aborted.value.code == 130 and "aborted" in capsys.readouterr().err
+    assert not (tmp_path / "twice" / "ckpt.pt").exists() and signal.getsignal(signal.SIGINT) is handler

