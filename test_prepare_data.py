@@ -242,3 +242,22 @@ def test_default_corpus(tmp_path):
     text = b"".join(open(os.path.join(out, f"{s}.bin"), "rb").read()[::2] for s in ("train", "val"))
     assert b"HAMLET" in text or b"Hamlet" in text
     assert b"PROJECT GUTENBERG" not in text.upper()
+
+
+def test_val_input_is_the_val_split(tmp_path):
+    """--val_input: its documents are val, all of --input's are train (a corpus' own split, e.g.
+    by author), in file order; no random split."""
+    docs = make_corpus(tmp_path / "corpus")
+    held_out = ["A held-out book.\n" * 5, "Another one.\n" * 7]
+    write(tmp_path / "val" / "v.txt", "\n\x1e\n".join(held_out))
+    out = pd.prepare(str(tmp_path / "corpus"), out_dir=str(tmp_path / "out"), quiet=True,
+                     val_inputs=[str(tmp_path / "val")])
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    decode = lambda split: [bytes(d[:-1].tolist()).decode("utf-8") for d in read_split(out, split, 256)]
+    assert sorted(decode("train")) == sorted(docs) and decode("val") == held_out
+    assert meta["val"]["docs"] == 2 and meta["train"]["docs"] == 6 and meta["val_fraction"] is None
+    with pytest.raises(ValueError, match="in both --input and --val_input"):
+        pd.prepare(str(tmp_path / "corpus"), out_dir=str(tmp_path / "o2"), quiet=True,
+                   val_inputs=[str(tmp_path / "corpus" / "a.txt")])
+    with pytest.raises(ValueError, match="--val_input needs --input"):
+        pd.prepare(None, out_dir=str(tmp_path / "o3"), quiet=True, val_inputs=[str(tmp_path / "val")])

@@ -3,6 +3,7 @@ Tests of model.py, train.py and sample.py on a tiny model and tiny synthetic dat
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import lighthouse_kernel as lk
+import model
 import sample
 import train
 from model import GPT, GPTConfig, load_checkpoint, read_config_file
@@ -339,7 +342,7 @@ def test_bad_data_files_are_named_before_any_work(dataset, tmp_path, damage, mes
 def test_compile_setting(dataset, tmp_path, monkeypatch):
     """compile='auto' is eager on a CPU; True and False force it (torch.compile itself is stubbed out)."""
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(model) or model)
     for setting in ("auto", False, True):
         run(dataset, tmp_path / str(setting), compile=setting, lighthouse_iters=0, recovery_iters=1)
     assert len(compiled) == 1 and isinstance(compiled[0], GPT)
@@ -597,3 +600,20 @@ def test_ctrl_c_exits_130_and_a_second_one_aborts(dataset, tmp_path, monkeypatch
         train.main(args + [f"--out_dir={tmp_path / 'twice'}"])
     assert aborted.value.code == 130 and "aborted" in capsys.readouterr().err
     assert not (tmp_path / "twice" / "ckpt.pt").exists() and signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test; on a GPU, bench.py --mode=train compares "
+                                                      "the first compiled and eager losses in bf16")
+@pytest.mark.parametrize("variant", [dict(), dict(lh_scorer="dilated", lh_rope="span_end")], ids=["norm", "dilated-span_end"])
+def test_compiled_training_matches_eager(dataset, tmp_path, monkeypatch, variant):
+    """torch.compile (the default on CUDA) trains as eager does: the same losses, to rounding,
+    through both phases, with activation checkpointing. On a CPU the model would run the reference
+    layer; the Triton path, under the interpreter, is what compile meets on a GPU, so it is forced."""
+    monkeypatch.setattr(model, "lighthouse_attention", functools.partial(lk.lighthouse_attention, impl="triton"))
+    settings = dict(lighthouse_iters=2, recovery_iters=2, eval_interval=100, activation_checkpointing=True, **variant)
+    run(dataset, tmp_path / "eager", compile=False, **settings)
+    run(dataset, tmp_path / "compiled", compile=True, **settings)
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3, 4]
+    for it in eager:
+        assert compiled[it] == pytest.approx(eager[it], rel=1e-5), (it, eager, compiled)

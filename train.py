@@ -460,7 +460,7 @@ class Run:
                         dynamic_ncols=True, desc="train")
         compile_model = self.config["compile"] if self.config["compile"] != "auto" else self.device_type == "cuda"
         if compile_model:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, dynamic=False)  # fixed shapes: one graph per attention mode
         if self.procs.distributed:
             self.model = DDP(self.model, device_ids=[self.procs.local_rank] if self.device_type == "cuda" else None)
 
