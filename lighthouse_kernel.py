@@ -510,25 +510,30 @@ def _candidate_keys(work_ptr, list_start, n, start, q_ptr, k_ptr, q_cut, BY_K: t
 
 
 @triton.jit
-def _kth_largest(work_ptr, list_start, n, q_ptr, k_ptr, q_cut, BY_K: tl.constexpr, HALF: tl.constexpr,
-                 SINGLE: tl.constexpr, CHUNK: tl.constexpr, RANK_BITS: tl.constexpr):
-    """The HALF-th largest candidate key of a list (see _candidate_keys), found bit by bit from
-    the top: the largest threshold with at least HALF keys at or above it. Only counts, no sort.
-    SINGLE: the list fits one chunk, whose keys stay in registers; otherwise every bit re-reads
-    the list chunk by chunk, so a tile of any size fits in a program."""
-    NBITS: tl.constexpr = 32 + RANK_BITS
+def _kth_largest_key(key, K: tl.constexpr, NBITS: tl.constexpr):
+    """The K-th largest of distinct non-negative int64 keys (-1 = absent) held in registers, found
+    bit by bit from the top: the largest threshold with at least K keys at or above it. Only
+    counts, no sort."""
     threshold = tl.zeros([], dtype=tl.int64)
-    if SINGLE:
-        key = _candidate_keys(work_ptr, list_start, n, 0, q_ptr, k_ptr, q_cut, BY_K, CHUNK, RANK_BITS)
     for i in range(NBITS):
         trial = threshold | (threshold * 0 + 1) << (NBITS - 1 - i)
-        if SINGLE:
-            count = tl.sum((key >= trial).to(tl.int32), axis=0)
-        else:
-            count = 0
-            for start in range(0, n, CHUNK):
-                chunk = _candidate_keys(work_ptr, list_start, n, start, q_ptr, k_ptr, q_cut, BY_K, CHUNK, RANK_BITS)
-                count += tl.sum((chunk >= trial).to(tl.int32), axis=0)
+        threshold = tl.where(tl.sum((key >= trial).to(tl.int32), axis=0) >= K, trial, threshold)
+    return threshold
+
+
+@triton.jit
+def _kth_largest_streamed(work_ptr, list_start, n, q_ptr, k_ptr, q_cut, BY_K: tl.constexpr, HALF: tl.constexpr,
+                          CHUNK: tl.constexpr, RANK_BITS: tl.constexpr):
+    """_kth_largest_key for a list longer than one chunk (see _candidate_keys): every bit re-reads
+    the list chunk by chunk, so that a tile of any size fits in a program."""
+    NBITS: tl.constexpr = 32 + RANK_BITS
+    threshold = tl.zeros([], dtype=tl.int64)
+    for i in range(NBITS):
+        trial = threshold | (threshold * 0 + 1) << (NBITS - 1 - i)
+        count = 0
+        for start in range(0, n, CHUNK):
+            chunk = _candidate_keys(work_ptr, list_start, n, start, q_ptr, k_ptr, q_cut, BY_K, CHUNK, RANK_BITS)
+            count += tl.sum((chunk >= trial).to(tl.int32), axis=0)
         threshold = tl.where(count >= HALF, trial, threshold)
     return threshold
 
@@ -543,9 +548,18 @@ def _select_level(work_ptr, list_start, n, q_ptr, k_ptr, N, lvl: tl.constexpr, L
     (causal key << 32 | pyramid index). The kept candidates' children, ascending, are written as
     the next list, right after this one."""
     if lvl > 0:
-        none = tl.full([], -1, dtype=tl.int64)
-        q_cut = _kth_largest(work_ptr, list_start, n, q_ptr, k_ptr, none, False, HALF, SINGLE, CHUNK, RANK_BITS)
-        k_cut = _kth_largest(work_ptr, list_start, n, q_ptr, k_ptr, q_cut, True, HALF, SINGLE, CHUNK, RANK_BITS)
+        if SINGLE:  # the list fits one chunk: its keys stay in registers for both thresholds
+            r = tl.arange(0, CHUNK).to(tl.int64)
+            ok = r < n
+            e = tl.load(work_ptr + list_start + r, mask=ok, other=0, cache_modifier=".cg")
+            q_key = tl.where(ok, _score_key(tl.load(q_ptr + e, mask=ok, other=0.0), r, RANK_BITS), -1)
+            k_key = tl.where(ok, _score_key(tl.load(k_ptr + e, mask=ok, other=0.0), r, RANK_BITS), -1)
+            q_cut = _kth_largest_key(q_key, HALF, 32 + RANK_BITS)
+            k_cut = _kth_largest_key(tl.where(q_key >= q_cut, -1, k_key), HALF, 32 + RANK_BITS)
+        else:
+            none = tl.full([], -1, dtype=tl.int64)
+            q_cut = _kth_largest_streamed(work_ptr, list_start, n, q_ptr, k_ptr, none, False, HALF, CHUNK, RANK_BITS)
+            k_cut = _kth_largest_streamed(work_ptr, list_start, n, q_ptr, k_ptr, q_cut, True, HALF, CHUNK, RANK_BITS)
     next_start = list_start + n
     written = next_start * 0  # children written so far
     for start in range(0, n, CHUNK):

@@ -16,7 +16,7 @@ from model import GPT, GPTConfig
 
 N = 2048
 TINY = GPTConfig(block_size=N, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=64)
-FAST = ["--windows", "2", "--trials", "2", "--passage", "128", "--batch", "2"]
+FAST = ["--windows", "2", "--trials", "2", "--passage", "128", "--batch", "2", "--device", "cpu"]
 UNIFORM = math.log(257)  # the loss of a model that knows nothing about the next byte
 
 

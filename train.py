@@ -519,7 +519,7 @@ class Run:
         if self.device_type == "cuda":
             torch.cuda.synchronize()
         started = time.time()
-        loss_sum = 0.0
+        losses = []
         for micro in range(self.accumulation):
             x, y = self.train_batches.next()
             if self.procs.distributed:  # average gradients across processes only on the last micro-step
@@ -527,16 +527,15 @@ class Run:
             with self.autocast:
                 _, loss = self.model(x, y)
             (loss / self.accumulation).backward()
-            loss_sum += loss.item()
+            losses.append(loss.detach())  # no .item() here: the CPU queues the next micro-step meanwhile
         # the norm before clipping (inf: measure only); a loss spike shows up here first
         clip = self.config["grad_clip"] or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device_type == "cuda":
-            torch.cuda.synchronize()
+        train_loss, grad_norm = torch.stack(losses).mean().item(), grad_norm.item()  # waits for the GPU
         seconds = time.time() - started
-        train_loss, stop = loss_sum / self.accumulation, ctrl_c.requested
+        stop = ctrl_c.requested
         if self.procs.distributed:  # one all_reduce: the loss summed over processes, and the Ctrl-C flags
             both = torch.tensor([train_loss, float(stop)], device=self.device)
             torch.distributed.all_reduce(both)
