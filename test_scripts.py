@@ -17,7 +17,8 @@ import sample
 import test_train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["train.py", "sample.py", "bench.py", "probe_lookahead.py", "plot_runs.py", "prepare_data.py", "eval_long.py"]
+SCRIPTS = ["train.py", "sample.py", "bench.py", "probe_lookahead.py", "plot_runs.py", "prepare_data.py", "eval_long.py",
+           "compare_arms.py"]
 
 
 def run_side_by_side(commands):
@@ -111,6 +112,20 @@ def test_plot_runs(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_arms_reproduces_the_results_table(tmp_path):
+    """The README's results: compare_arms.py on the experiment's metrics and eval files in assets/."""
+    arms = [f"{arm}={os.path.join('assets', 'arms_64k', arm + '_s*')}" for arm in ("dense", "norm", "dilated", "span_end")]
+    result = subprocess.run([sys.executable, "compare_arms.py", *arms, "--out", str(tmp_path / "arms.png")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert "| 3 | 2.083 ± 0.150 |" in rows["dense"] and "| 3 | 2.222 ± 0.088 |" in rows["norm"]
+    assert "1.43x | -0.104 ± 0.039 |" in rows["norm"]
+    missing = subprocess.run([sys.executable, "compare_arms.py", f"dense={tmp_path}"], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and "has no metrics.jsonl" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_plot_runs_without_matplotlib(trained, monkeypatch):

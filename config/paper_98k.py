@@ -3,10 +3,11 @@
 # 0, 1, 28, 29 dense; 10k Lighthouse + 6k recovery steps, global batch 32 sequences (3.1M tokens).
 # Hardware: a multi-GPU node, e.g. torchrun --standalone --nproc_per_node=8 train.py config/paper_98k.py
 # (gradient_accumulation_steps is the global count and is split across the GPUs).
-# Measured for 5 + 5 steps on 2 H200s (one sequence per GPU per step): Lighthouse phase 109k tok/s,
-# dense phase 34.5k tok/s, 21.3 GB peak per GPU with activation checkpointing. At that rate the
-# full 16k steps would take about 10 days on 2 H200s (3.3 Lighthouse, 6.3 dense). Not run at full
-# length here; the paper reports a final loss of 0.698 (dense-from-scratch: 0.724).
+# Measured steps only, not a run: on one H200, compiled, one sequence per step, a Lighthouse step takes
+# 1.23 s (79.9k tok/s), a dense one 5.10 s (19.3k tok/s), 18 GiB peak with activation checkpointing
+# (python bench.py --mode=train --configs config/paper_98k.py). At those rates, and if 8 GPUs scaled
+# perfectly (an estimate), the 16k steps would take about 2 days on 8 H200s. The paper reports a
+# final loss of 0.698 (dense from scratch: 0.724).
 out_dir = "out-paper-98k"
 dataset = "books_bytes"
 block_size = 98304
