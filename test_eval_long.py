@@ -3,6 +3,7 @@ Tests of eval_long.py on a tiny model, on random-byte data and on an oracle that
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -77,7 +78,8 @@ def run(*argv):
 def test_results_layout(run_dir, tmp_path):
     results = run(run_dir / "ckpt.pt", *FAST, "--out", tmp_path / "r.json")
     assert json.load(open(tmp_path / "r.json")) == results
-    assert (tmp_path / "r.png").stat().st_size > 0  # the plot, named after --out
+    if importlib.util.find_spec("matplotlib"):  # optional: without it the plot is skipped with a note
+        assert (tmp_path / "r.png").stat().st_size > 0  # the plot, named after --out
     assert results["settings"] == dict(windows=2, trials=2, passage=128, prefix=128, tail=1024, batch=2, seed=0,
                                        device="cpu", dtype="float32")
     assert results["data"] is None  # each checkpoint's own val.bin
