@@ -4,6 +4,10 @@ A Llama-style GPT whose attention layers run either dense causal SDPA or Lightho
 Token embedding -> n_layer x [RMSNorm -> attention (RoPE, GQA) -> RMSNorm -> SwiGLU MLP] -> RMSNorm
 -> logits. No biases. model.set_attention("lighthouse" | "dense") switches every layer that is
 not listed in `dense_layers`; the parameters, and so the state dict, are the same in both modes.
+With lh_rope="span_end" a Lighthouse layer gets q and k before RoPE (and the RoPE tables), and
+rotates each selected entry itself; dense layers always apply RoPE here.
+
+    model, ckpt = GPT.from_checkpoint("out/ckpt.pt")   # a trained model, dense attention, eval mode
 """
 
 import math
