@@ -91,6 +91,13 @@ def coverage(start, end, N):
     return steps.cumsum(0)[:N]
 
 
+def reference_selection(q, k, case):
+    """The reference's selection from the norms of q, k: indices (B, G, M) and inverse map (B, G, P)."""
+    B, H, G, N, D, L, p, K = case
+    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
+    return idx, lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
+
+
 def shared_dilated_scores(monkeypatch):
     """Let the Triton path use the reference's dilated scores (fp32). The two compute the same
     scores only up to rounding, and a near-tie could then select differently; this isolates
@@ -194,8 +201,7 @@ def test_selection_orders_every_float(kind):
 def test_gather_and_scatter_match_reference(case):
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case, requires_grad=True)
-    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
-    inv = lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
+    idx, inv = reference_selection(q, k, case)
     cos, sin = tables(N, D)
     # gather (q: one row per query head; k: one per kv head), plain and rotated at the span end
     for x in (q, k):
@@ -225,8 +231,7 @@ def test_span_end_rotation_at_level_zero_is_ordinary_rope():
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case)
-    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
-    inv = lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
+    idx, inv = reference_selection(q, k, case)
     cos, sin = tables(N, D)
     rotated_at_span_end = lk.triton_gather(q, idx, inv, L, p, cos, sin)  # (B, H, M, D)
     rotated_first = lk.triton_gather(lk.rope_rotate(q, cos, sin), idx, inv, L, p, None, None)
@@ -419,9 +424,7 @@ def test_scatter_closed_form(impl):
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case)
-    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
-    _, P = lk.level_offsets(N, L, p)
-    inv = lk.inverse_map(idx, P)
+    idx, inv = reference_selection(q, k, case)
     attn = torch.randn(B, H, idx.shape[2], D, device=DEVICE)
     if impl == "torch":
         out = lk.ref_scatter(attn, inv, N, L, p)
@@ -495,8 +498,7 @@ def test_rotation_at_span_start_is_caught():
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case)
-    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, impl="torch")
-    inv = lk.inverse_map(idx, lk.level_offsets(N, L, p)[1])
+    idx, inv = reference_selection(q, k, case)
     cos, sin = tables(N, D)
     ours = lk.triton_gather(q, idx, inv, L, p, cos, sin)
     level, start, _ = spans(idx.repeat_interleave(H // G, 1), N, L, p)
