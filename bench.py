@@ -162,8 +162,7 @@ def bench_breakdown(N, topk=None):
     the copies the layer avoids, before and after."""
     topk = topk_for(N, topk)
     q, k, v, dout = make_inputs(N)
-    q_tok, k_tok = lk.triton_norm_scores(q, k)
-    scores = [lk.ref_score_pyramid(s, LEVELS, POOL) for s in (q_tok, k_tok)]
+    scores = lk.triton_norm_scores(q, k, LEVELS, POOL)
     idx, inv = lk.triton_select(*scores, N, LEVELS, POOL, topk)
     sel = [lk.triton_gather(x, idx, inv, LEVELS, POOL, None, None).detach().requires_grad_() for x in (q, k, v)]
     attn = F.scaled_dot_product_attention(*sel, is_causal=True)
@@ -181,8 +180,7 @@ def bench_breakdown(N, topk=None):
         q.grad = k.grad = v.grad = None
 
     stages = {
-        "norm scores (q, k)": lambda: lk.triton_norm_scores(q, k),
-        "score pyramid (q, k)": lambda: [lk.ref_score_pyramid(s, LEVELS, POOL) for s in (q_tok, k_tok)],
+        "norm score pyramids (q, k)": lambda: lk.triton_norm_scores(q, k, LEVELS, POOL),
         "selection + causal order": lambda: lk.triton_select(*scores, N, LEVELS, POOL, topk),
         "pool + gather (q, k, v)": lambda: [lk.triton_gather(x, idx, inv, LEVELS, POOL, None, None) for x in (q, k, v)],
         "SDPA fwd (default backend)": lambda: F.scaled_dot_product_attention(*sel, is_causal=True),
@@ -214,7 +212,7 @@ def bench_copies(N=262144, heads=32, kv_heads=8):
        were gathered into all 32 query heads (4x their size, and 4x their gradients)."""
     topk = topk_for(N)
     q, k, v, dout = make_inputs(N, heads, kv_heads)
-    scores = [lk.ref_score_pyramid(s, LEVELS, POOL) for s in lk.triton_norm_scores(q, k)]
+    scores = lk.triton_norm_scores(q, k, LEVELS, POOL)
     idx, inv = lk.triton_select(*scores, N, LEVELS, POOL, topk)
     sel = [lk.triton_gather(x, idx, inv, LEVELS, POOL, None, None).detach().requires_grad_() for x in (q, k, v)]
     expanded = [x.detach().repeat_interleave(heads // kv_heads, dim=1).requires_grad_() for x in sel[1:]]

@@ -449,10 +449,12 @@ def _rotate(rows, pos, cos_ptr, sin_ptr, s_rope, D, SIGN: tl.constexpr, BLOCK_R:
 
 
 @triton.jit
-def _norm_score_kernel(x_ptr, sx_b, sx_h, sx_n, score_ptr, N, D, G: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Twin of ref_norm_scores for one tensor: score[b, g, t] = max over the GROUP heads of kv
-    group g of ||x[b, h, t]||, via squared norms summed in fp64 (exact for bf16 and fp32 terms)."""
+def _norm_score_kernel(x_ptr, sx_b, sx_h, sx_n, score_ptr, N, S, D, G: tl.constexpr, GROUP: tl.constexpr,
+                       LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Twin of ref_norm_scores + ref_score_pyramid for one tensor: score[b, g, t] = max over the
+    GROUP heads of kv group g of ||x[b, h, t]||, via squared norms summed in fp64 (exact for bf16
+    and fp32 terms); then levels 1..LEVELS-1, the max over each span of this block's tokens (so
+    the block must hold whole coarsest spans). Rows of `score` are S long: P, or N for level 0 only."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     bg = tl.program_id(1).to(tl.int64)
     b, g = bg // G, bg % G
@@ -463,24 +465,43 @@ def _norm_score_kernel(x_ptr, sx_b, sx_h, sx_n, score_ptr, N, D, G: tl.constexpr
         x = tl.load(x_ptr + b * sx_b + (g * GROUP + i) * sx_h + t[:, None] * sx_n + d[None, :],
                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float64)  # (BLOCK_T, BLOCK_D)
         best = tl.maximum(best, tl.sum(x * x, axis=1))
-    tl.store(score_ptr + bg * N + t, tl.sqrt(best).to(tl.float32), mask=t_ok)  # fp64 sqrt: correctly rounded
+    score = tl.sqrt(best).to(tl.float32)  # (BLOCK_T,); the fp64 square root is correctly rounded
+    tl.store(score_ptr + bg * S + t, score, mask=t_ok)
+    for lvl in tl.static_range(1, LEVELS):
+        # (BLOCK_T,) -> (BLOCK_T / p^lvl, p^lvl) -> the max over each span: (BLOCK_T / p^lvl,)
+        pooled = tl.max(tl.reshape(score, [BLOCK_T // POOL**lvl, POOL**lvl]), axis=1)
+        j = tl.program_id(0) * (BLOCK_T // POOL**lvl) + tl.arange(0, BLOCK_T // POOL**lvl).to(tl.int64)
+        tl.store(score_ptr + bg * S + _level_start(N, lvl, POOL) + j, pooled, mask=j < N // POOL**lvl)
 
 
 @triton.jit
-def _pool_kernel(src_ptr, ss_b, ss_h, ss_n, dst_ptr, sd_b, sd_h, sd_n, n_dst, D, HX: tl.constexpr,
-                 POOL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One level of ref_pyramid: dst[b, h, j] = mean of src[b, h, j*p .. j*p + p-1] (fp32 sums)."""
-    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+def _pool_kernel(src_ptr, ss_b, ss_h, ss_n, upper_ptr, N, P_UP, D, HX: tl.constexpr, FIRST: tl.constexpr,
+                 LAST: tl.constexpr, POOL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Levels FIRST..LAST of ref_pyramid, each entry the mean of its p children (fp32 sums), for
+    BLOCK_J entries of level LAST and the entries of the levels in between that lie under them.
+    Level FIRST reads its children from src (x, or level FIRST-1 in upper); each later level reads
+    the level this program has just written, while it is still in cache."""
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // HX, bh % HX
     d = tl.arange(0, BLOCK_D)
-    ok = (j < n_dst)[:, None] & (d < D)[None, :]
-    acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
-    for c in range(POOL):
-        acc += tl.load(src_ptr + b * ss_b + h * ss_h + (j * POOL + c)[:, None] * ss_n + d[None, :],
-                       mask=ok).to(tl.float32)
-    tl.store(dst_ptr + b * sd_b + h * sd_h + j[:, None] * sd_n + d[None, :],
-             (acc / POOL).to(dst_ptr.dtype.element_ty), mask=ok)
+    d_ok = d < D
+    for lvl in tl.static_range(FIRST, LAST + 1):
+        # this program's entries of level lvl: BLOCK_J * p^(LAST - lvl) of them
+        e = tl.program_id(0) * (BLOCK_J * POOL ** (LAST - lvl)) + \
+            tl.arange(0, BLOCK_J * POOL ** (LAST - lvl)).to(tl.int64)
+        ok = (e < N // POOL**lvl)[:, None] & d_ok[None, :]
+        acc = tl.zeros([BLOCK_J * POOL ** (LAST - lvl), BLOCK_D], dtype=tl.float32)
+        for c in tl.static_range(POOL):
+            child = e * POOL + c  # index of the c-th child in level lvl-1
+            if lvl == FIRST:
+                rows = tl.load(src_ptr + b * ss_b + h * ss_h + child[:, None] * ss_n + d[None, :], mask=ok)
+            else:  # written just above by this program: bypass L1, read from L2
+                rows = tl.load(upper_ptr + (bh * P_UP + _level_start(N, lvl - 1, POOL) - N + child)[:, None] * D
+                               + d[None, :], mask=ok, cache_modifier=".cg")
+            acc += rows.to(tl.float32)
+        tl.store(upper_ptr + (bh * P_UP + _level_start(N, lvl, POOL) - N + e)[:, None] * D + d[None, :],
+                 (acc / POOL).to(upper_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()  # the next level reads rows that other threads of this program wrote
 
 
 @triton.jit
@@ -786,43 +807,58 @@ def _last_dim_contiguous(x):
 
 def triton_pyramid(x, levels, pool):
     """Twin of ref_pyramid, levels 1..L-1 only: x (B, Hx, N, D) -> upper (B, Hx, P - N, D) in x's
-    dtype. Level 0 is x itself, which the gather reads directly."""
+    dtype. Level 0 is x itself, which the gather reads directly.
+
+    One launch makes all levels when a program's ROWS level-1 entries cover whole coarsest spans
+    (pool^(levels-2) <= ROWS, every config in config/); otherwise one launch per level."""
     x = _last_dim_contiguous(x)
     B, HX, N, D = x.shape
     offsets, P = level_offsets(N, levels, pool)
     upper = torch.empty(B, HX, P - N, D, dtype=x.dtype, device=x.device)
-    finer = x
+    if pool ** (levels - 2) <= ROWS:
+        steps = [(1, levels - 1)]
+    else:
+        steps = [(lvl, lvl) for lvl in range(1, levels)]
     with _on_device(x):
-        for lvl in range(1, levels):
-            level = upper[:, :, offsets[lvl] - N:offsets[lvl] - N + N // pool**lvl]  # a view of this level
-            _pool_kernel[_grid(level.shape[2], ROWS, B * HX)](
-                finer, *finer.stride()[:3], level, *level.stride()[:3], level.shape[2], D, HX=HX, POOL=pool,
-                BLOCK_J=ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-            finer = level
+        for first, last in steps:
+            # level first-1: x, or the level just made, a view of upper (B, Hx, N / p^(first-1), D)
+            src = x if first == 1 else upper[:, :, offsets[first - 1] - N:offsets[first] - N]
+            per_program = ROWS // pool ** (last - first)  # entries of level `last` per program
+            _pool_kernel[_grid(N // pool**last, per_program, B * HX)](
+                src, *src.stride()[:3], upper, N, P - N, D, HX=HX, FIRST=first, LAST=last, POOL=pool,
+                BLOCK_J=per_program, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
     return upper
 
 
 @torch.library.custom_op("lighthouse::norm_scores", mutates_args=())
-def triton_norm_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    """Twin of ref_norm_scores: (B, G, N) fp32 q-scores and k-scores."""
+def triton_norm_scores(q: Tensor, k: Tensor, levels: int, pool: int) -> tuple[Tensor, Tensor]:
+    """Twin of ref_norm_scores + ref_score_pyramid: the (B, G, P) fp32 score pyramids of q and k.
+
+    The kernel max-pools the coarser levels itself when a block of ROWS tokens holds whole
+    coarsest spans (pool^(levels-1) <= ROWS, every config in config/); otherwise it writes the
+    token scores and ref_score_pyramid, exact too, adds the levels above."""
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     B, H, N, D = q.shape
     G = k.shape[1]
-    scores = []
+    _, P = level_offsets(N, levels, pool)
+    fused = pool ** (levels - 1) <= ROWS
+    pyramids = []
     with _on_device(q):
         for x in (q, k):
-            score = torch.empty(B, G, N, dtype=torch.float32, device=x.device)
+            score = torch.empty(B, G, P if fused else N, dtype=torch.float32, device=x.device)
             _norm_score_kernel[_grid(N, ROWS, B * G)](
-                x, *x.stride()[:3], score, N, D, G=G, GROUP=x.shape[1] // G, BLOCK_T=ROWS,
-                BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-            scores.append(score)
-    return scores[0], scores[1]
+                x, *x.stride()[:3], score, N, score.shape[2], D, G=G, GROUP=x.shape[1] // G,
+                LEVELS=levels if fused else 1, POOL=pool, BLOCK_T=ROWS, BLOCK_D=triton.next_power_of_2(D),
+                num_warps=4)
+            pyramids.append(score if fused else ref_score_pyramid(score, levels, pool))
+    return pyramids[0], pyramids[1]
 
 
 @triton_norm_scores.register_fake
-def _(q, k):
+def _(q, k, levels, pool):
     B, _, N, _ = q.shape
-    return q.new_empty(B, k.shape[1], N, dtype=torch.float32), q.new_empty(B, k.shape[1], N, dtype=torch.float32)
+    _, P = level_offsets(N, levels, pool)
+    return q.new_empty(B, k.shape[1], P, dtype=torch.float32), q.new_empty(B, k.shape[1], P, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -1014,10 +1050,13 @@ def _scatter_grad(ctx, grad):
 triton_scatter.register_autograd(_scatter_grad, setup_context=_scatter_setup)
 
 
-def triton_token_scores(q, k, v, scorer="norm", dilation=4):
-    """Twin of ref_token_scores: (B, H_kv, N) q-scores and k-scores, fp32, no gradient."""
+def triton_score_pyramids(q, k, v, levels, pool, scorer="norm", dilation=4):
+    """Twin of ref_token_scores + ref_score_pyramid: (B, H_kv, P) q- and k-score pyramids, fp32,
+    no gradient."""
     q, k, v = q.detach(), k.detach(), v.detach()
-    return triton_dilated_scores(q, k, v, dilation) if scorer == "dilated" else triton_norm_scores(q, k)
+    if scorer == "dilated":
+        return tuple(ref_score_pyramid(s, levels, pool) for s in triton_dilated_scores(q, k, v, dilation))
+    return triton_norm_scores(q, k, levels, pool)
 
 
 def lighthouse_triton(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None):
@@ -1028,9 +1067,7 @@ def lighthouse_triton(q, k, v, levels, pool, topk, scorer="norm", dilation=4, ro
     if B * H > MAX_GRID_HEADS:
         raise ValueError(f"batch * n_head = {B * H} is more than the {MAX_GRID_HEADS} programs a GPU grid allows "
                          f"on its second axis; use at most {MAX_GRID_HEADS // H} sequences per call")
-    q_tok, k_tok = triton_token_scores(q, k, v, scorer, dilation)  # (B, G, N) each
-    q_score = ref_score_pyramid(q_tok, levels, pool)  # (B, G, P): exact max-pools
-    k_score = ref_score_pyramid(k_tok, levels, pool)
+    q_score, k_score = triton_score_pyramids(q, k, v, levels, pool, scorer, dilation)  # (B, G, P) each
     idx, inv = triton_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M), (B, G, P)
     cos, sin = rope if rope is not None else (None, None)
     q_sel = triton_gather(q, idx, inv, levels, pool, cos, sin)  # (B, H, M, D)

@@ -117,8 +117,22 @@ def test_pyramid_and_norm_scores_match_reference(case):
     for x in (q, k, q.transpose(1, 2).contiguous().transpose(1, 2)):  # the last one laid out as (B, N, H, D)
         assert rel_err(lk.triton_pyramid(x, L, p), lk.ref_pyramid(x, L, p)[:, :, N:]) < FP32_TOL
     # the scores must be bitwise equal, or the two paths could select different entries
-    for ours, ref in zip(lk.triton_norm_scores(q, k), lk.ref_norm_scores(q, k)):
-        assert ours.shape == (B, G, N) and torch.equal(ours, ref)
+    for ours, ref in zip(lk.triton_norm_scores(q, k, L, p), lk.ref_norm_scores(q, k)):
+        assert torch.equal(ours, lk.ref_score_pyramid(ref, L, p))
+
+
+@pytest.mark.parametrize("L, p", [(3, 4), (4, 4)])
+def test_pyramids_in_small_blocks_match_reference(monkeypatch, L, p):
+    """With 8 rows per program, the per-level paths run: the score pyramid from the token scores
+    (p^(L-1) > 8 tokens per span), and the pooling level by level when L=4 (p^2 > 8 level-1
+    entries); L=3 pools both levels in one launch with 2 coarsest entries per program."""
+    monkeypatch.setattr(lk, "ROWS", 8)
+    case = (2, 4, 2, 256, 16, L, p, 128)
+    q, k, _ = random_qkv(case)
+    for x in (q, k.transpose(1, 2).contiguous().transpose(1, 2)):
+        assert rel_err(lk.triton_pyramid(x, L, p), lk.ref_pyramid(x, L, p)[:, :, 256:]) < FP32_TOL
+    for ours, ref in zip(lk.triton_norm_scores(q, k, L, p), lk.ref_norm_scores(q, k)):
+        assert torch.equal(ours, lk.ref_score_pyramid(ref, L, p))
 
 
 def test_dilated_scores_reference_equals_a_naive_loop():
@@ -249,11 +263,12 @@ def test_span_end_with_norm_scores_selects_what_before_pool_selects():
     q, k, v = random_qkv(case)
     angles = torch.randint(0, 4, (N, D // 2), device=DEVICE) * (math.pi / 2)
     cos, sin = angles.cos().round(), angles.sin().round()  # exactly 0 or +-1
-    for impl_scores in (lk.ref_token_scores, lk.triton_token_scores):
-        raw = impl_scores(q, k, v, "norm")
-        rotated = impl_scores(lk.rope_rotate(q, cos, sin), lk.rope_rotate(k, cos, sin), v, "norm")
-        assert all(torch.equal(a, b) for a, b in zip(raw, rotated))
-        assert torch.equal(lk.lighthouse_select(*raw, L, p, K), lk.lighthouse_select(*rotated, L, p, K))
+    q_rot, k_rot = lk.rope_rotate(q, cos, sin), lk.rope_rotate(k, cos, sin)
+    raw, rotated = lk.ref_token_scores(q, k, v), lk.ref_token_scores(q_rot, k_rot, v)
+    assert all(torch.equal(a, b) for a, b in zip(raw, rotated))
+    assert torch.equal(lk.lighthouse_select(*raw, L, p, K), lk.lighthouse_select(*rotated, L, p, K))
+    raw, rotated = lk.triton_score_pyramids(q, k, v, L, p), lk.triton_score_pyramids(q_rot, k_rot, v, L, p)
+    assert all(torch.equal(a, b) for a, b in zip(raw, rotated))
 
 
 # -----------------------------------------------------------------------------
@@ -350,7 +365,7 @@ def test_custom_ops_pass_opcheck():
     cos, sin = tables(N, D)
     attn = torch.randn(B, H, idx.shape[2], D, device=DEVICE, requires_grad=True)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(lk.triton_norm_scores, (q.detach(), k.detach()), test_utils=tests)
+    torch.library.opcheck(lk.triton_norm_scores, (q.detach(), k.detach(), L, p), test_utils=tests)
     torch.library.opcheck(lk.triton_select, (*scores, N, L, p, K), test_utils=tests)
     torch.library.opcheck(lk.triton_gather, (q, idx, inv, L, p, cos, sin), test_utils=tests)
     torch.library.opcheck(lk.triton_gather, (k, idx, inv, L, p, None, None), test_utils=tests)
@@ -621,7 +636,7 @@ def test_triton_is_deterministic():
     cos, sin = tables(N, D)
 
     def stages():
-        scores = [lk.ref_score_pyramid(s, L, p) for s in lk.triton_norm_scores(q, k)]
+        scores = lk.triton_norm_scores(q, k, L, p)
         idx, inv = lk.triton_select(*scores, N, L, p, K)
         qq = q.detach().requires_grad_()
         q_sel = lk.triton_gather(qq, idx, inv, L, p, cos, sin)

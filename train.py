@@ -423,6 +423,7 @@ class Run:
         self.keep_previous = False  # is out_dir's ckpt.pt a good checkpoint of this run (see save_checkpoint)?
         self.metrics_path = os.path.join(config["out_dir"], "metrics.jsonl")
         self.window_seconds, self.window_tokens = 0.0, 0  # since the last log line, for its tok/s
+        self.clock_started = None  # when training time last started to count (see off_the_clock)
 
     def resume(self):
         """Continue from out_dir's checkpoint: weights, optimizer, progress, data stream and RNG."""
@@ -511,14 +512,13 @@ class Run:
         tqdm.write(f"iter {s['iter']}: val loss (dense) {record['val_loss']:.4f}{extra}")
 
     def step(self, ctrl_c):
-        """One iteration: the micro-steps, clipping, AdamW. Returns (lr, train loss, grad norm,
-        seconds, stop): the loss is the mean over all processes, stop is whether any process got a Ctrl-C."""
+        """One iteration: the micro-steps, clipping, AdamW. Returns (lr, train loss, grad norm, stop):
+        the loss (mean over all processes) and the norm are still tensors on the device, so that the
+        CPU queues the next iteration while the GPU runs this one; stop is whether any process got a
+        Ctrl-C."""
         lr = learning_rate(self.state["iter"], self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.device_type == "cuda":
-            torch.cuda.synchronize()
-        started = time.time()
         losses = []
         for micro in range(self.accumulation):
             x, y = self.train_batches.next()
@@ -533,34 +533,46 @@ class Run:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        train_loss, grad_norm = torch.stack(losses).mean().item(), grad_norm.item()  # waits for the GPU
-        seconds = time.time() - started
+        train_loss = torch.stack(losses).mean()
         stop = ctrl_c.requested
         if self.procs.distributed:  # one all_reduce: the loss summed over processes, and the Ctrl-C flags
-            both = torch.tensor([train_loss, float(stop)], device=self.device)
+            both = torch.stack([train_loss, torch.tensor(float(stop), device=self.device)])
             torch.distributed.all_reduce(both)
-            train_loss, stop = both[0].item() / self.procs.world_size, both[1].item() > 0
-        return lr, train_loss, grad_norm, seconds, stop
+            train_loss, stop = both[0] / self.procs.world_size, both[1].item() > 0  # (all must agree: waits)
+        return lr, train_loss, grad_norm, stop
 
-    def count(self, phase, seconds):
-        """Add a finished iteration to the progress."""
+    def count(self, phase):
+        """Add a queued iteration to the progress (its time is counted by off_the_clock)."""
         s = self.state
         s["iter"] += 1
         s["tokens"] += self.tokens_per_iter
-        s["train_seconds"] += seconds
-        s["phase_seconds"][phase] += seconds
         s["phase_tokens"][phase] += self.tokens_per_iter
-        self.window_seconds += seconds
         self.window_tokens += self.tokens_per_iter
-
-    def log_step(self, phase, lr, train_loss, grad_norm, seconds):
-        """Rank 0: the progress bar, and every log_interval iterations a log line and a metrics record."""
-        s = self.state
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{train_loss:.4f}", phase=phase, tok_s=f"{self.tokens_per_iter / seconds:,.0f}")
-        if s["iter"] % self.config["log_interval"] and s["iter"] != self.total:
-            return
+
+    @contextmanager
+    def off_the_clock(self, phase):
+        """Around everything that is not a training step (log lines, evaluations, checkpoints, the
+        switch): wait for the GPU to finish the queued steps, add the time since the clock last
+        started to the training time of `phase`, and restart the clock afterwards. Between these
+        points the CPU never waits for the GPU: it queues the next step while the GPU runs this one."""
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self.clock_started
+        self.state["train_seconds"] += seconds
+        self.state["phase_seconds"][phase] += seconds
+        self.window_seconds += seconds
+        yield
+        self.clock_started = time.time()
+
+    def log_due(self):
+        return self.state["iter"] % self.config["log_interval"] == 0 or self.state["iter"] == self.total
+
+    def log_step(self, phase, lr, train_loss, grad_norm):
+        """Rank 0, every log_interval iterations (off the clock): a log line and a metrics record."""
+        s = self.state
         tok_s = self.window_tokens / self.window_seconds
+        self.bar.set_postfix(loss=f"{train_loss:.4f}", phase=phase, tok_s=f"{tok_s:,.0f}")
         mfu = None
         if self.device_type == "cuda":
             mfu = self.raw_model.estimate_mfu(tok_s / self.procs.world_size, self.config["peak_flops"])
@@ -631,32 +643,39 @@ def train(config):
         run.raw_model.set_attention(phase)
         with CtrlC(say=procs.master) as ctrl_c:
             stop = False
+            run.clock_started = time.time()
             while run.state["iter"] < run.total:
                 if run.state["iter"] == config["lighthouse_iters"] and phase == "lighthouse":
-                    phase = switch_to_dense(run)
+                    with run.off_the_clock(phase):
+                        phase = switch_to_dense(run)
                 # a Ctrl-C in the last iteration (on any process): every process stops here, after the
                 # switch if one was due, so that the checkpoint needs nothing redone (in the run's last
                 # iteration the run simply finishes)
                 if stop:
-                    run.bar.close()
-                    run.save()
+                    with run.off_the_clock(phase):
+                        run.bar.close()
+                        run.save()
                     if procs.master:
                         print(f"interrupted at iteration {run.state['iter']}; checkpoint saved; "
                               f"resume with --init_from=resume")
                     return run.summary(interrupted=True)
                 if procs.master and eval_due(run.state, config):
-                    run.evaluate_and_log(phase)
-                lr, train_loss, grad_norm, seconds, stop = run.step(ctrl_c)
-                run.count(phase, seconds)
-                if procs.master:
-                    run.log_step(phase, lr, train_loss, grad_norm, seconds)
+                    with run.off_the_clock(phase):
+                        run.evaluate_and_log(phase)
+                lr, train_loss, grad_norm, stop = run.step(ctrl_c)
+                run.count(phase)
+                if procs.master and run.log_due():
+                    with run.off_the_clock(phase):
+                        run.log_step(phase, lr, train_loss.item(), grad_norm.item())
                 if (config["ckpt_interval"] and run.state["iter"] % config["ckpt_interval"] == 0
                         and run.state["iter"] not in (config["lighthouse_iters"], run.total)):
-                    run.save()  # (the switch and the end write their own, after their evaluations)
-            run.bar.close()
-            if procs.master:
-                run.evaluate_and_log(phase)
-            run.save()
+                    with run.off_the_clock(phase):
+                        run.save()  # (the switch and the end write their own, after their evaluations)
+            with run.off_the_clock(phase):
+                run.bar.close()
+                if procs.master:
+                    run.evaluate_and_log(phase)
+                run.save()
         summary = run.summary()
         if procs.master:
             run.report(summary)
