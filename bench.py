@@ -30,6 +30,7 @@ Results are printed as tables and written to --json (default bench.json).
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import time
@@ -258,58 +259,64 @@ def bench_train(config_path, iters):
     peak_flops = settings.get("peak_flops", H100_PEAK_FLOPS)
     tokens = batch_size * model_config.block_size
     rows = []
-    for compiled in (False, True):
-        for mode in ("dense", "lighthouse"):
-            torch.manual_seed(0)
-            model = GPT(model_config).cuda()
-            model.set_attention(mode)
-            # AdamW as train.py sets it up; its hyperparameters do not change the work
-            optimizer = model.configure_optimizer(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
-                                                  device_type="cuda")
-            run = torch.compile(model, dynamic=False) if compiled else model
-            x = torch.randint(0, 257, (batch_size, model_config.block_size + 1), device="cuda")  # (batch, block + 1)
+    cases = [(compiled, mode, False) for compiled in (False, True) for mode in ("dense", "lighthouse")]
+    if model_config.activation_checkpointing:  # and compiled, keeping attention's outputs instead of recomputing
+        cases += [(True, mode, True) for mode in ("dense", "lighthouse")]
+    for compiled, mode, keep_attention in cases:
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(model_config, checkpoint_keep_attention=keep_attention)).cuda()
+        model.set_attention(mode)
+        # AdamW as train.py sets it up; its hyperparameters do not change the work
+        optimizer = model.configure_optimizer(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                              device_type="cuda")
+        run = torch.compile(model, dynamic=False) if compiled else model
+        x = torch.randint(0, 257, (batch_size, model_config.block_size + 1), device="cuda")  # (batch, block + 1)
 
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    _, loss = run(x[:, :-1], x[:, 1:])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = run(x[:, :-1], x[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
 
-            started = time.time()
-            first_loss = step().item()  # the first step compiles; same weights and tokens in every case
-            first_s = time.time() - started
-            torch.cuda.reset_peak_memory_stats()
-            ms = time_ms(step, budget_ms=iters * 1000, max_reps=iters)
-            row = dict(config=config_path, mode=mode, compiled=compiled, ms_per_step=ms, tok_per_s=tokens / ms * 1e3,
-                       mfu=model.estimate_mfu(tokens / ms * 1e3, peak_flops),
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_s,
-                       first_loss=first_loss)
-            if compiled:
-                row["top_kernels"] = top_kernels(step)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del model, optimizer, run
-            torch.cuda.empty_cache()
+        started = time.time()
+        first_loss = step().item()  # the first step compiles; same weights and tokens in every case
+        first_s = time.time() - started
+        torch.cuda.reset_peak_memory_stats()
+        ms = time_ms(step, budget_ms=iters * 1000, max_reps=iters)
+        row = dict(config=config_path, mode=mode, compiled=compiled, keep_attention=keep_attention, ms_per_step=ms,
+                   tok_per_s=tokens / ms * 1e3, mfu=model.estimate_mfu(tokens / ms * 1e3, peak_flops),
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_s,
+                   first_loss=first_loss)
+        if compiled:
+            row["top_kernels"] = top_kernels(step)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model, optimizer, run
+        torch.cuda.empty_cache()
     return rows
 
 
 def print_train_table(rows):
-    print(f"\n{'config':<22} {'mode':<11} {'compiled':<9} {'ms/step':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
-          f"{'1st loss':>9} {'1st step s':>10}")
+    print(f"\n{'config':<22} {'mode':<11} {'compiled':<9} {'keep attn':<10} {'ms/step':>8} {'tok/s':>9} {'MFU':>6} "
+          f"{'peak GiB':>9} {'1st loss':>9} {'1st step s':>10}")
     for r in rows:
-        print(f"{r['config']:<22} {r['mode']:<11} {str(r['compiled']):<9} {r['ms_per_step']:>8.1f} "
-              f"{r['tok_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} {r['first_loss']:>9.5f} "
-              f"{r['first_step_s']:>10.1f}")
+        print(f"{r['config']:<22} {r['mode']:<11} {str(r['compiled']):<9} {str(r['keep_attention']):<10} "
+              f"{r['ms_per_step']:>8.1f} {r['tok_per_s']:>9,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} "
+              f"{r['first_loss']:>9.5f} {r['first_step_s']:>10.1f}")
     for config in dict.fromkeys(r["config"] for r in rows):
-        step = {(r["mode"], r["compiled"]): r["ms_per_step"] for r in rows if r["config"] == config}
-        print(f"{config}: compiled vs eager: dense {step['dense', False] / step['dense', True]:.2f}x, Lighthouse "
-              f"{step['lighthouse', False] / step['lighthouse', True]:.2f}x; Lighthouse vs dense step, both "
-              f"compiled: {step['dense', True] / step['lighthouse', True]:.2f}x faster")
+        step = {(r["mode"], r["compiled"], r["keep_attention"]): r["ms_per_step"] for r in rows if r["config"] == config}
+        for mode in ("dense", "lighthouse"):
+            eager = step[mode, False, False]
+            kept = f", keeping attention {eager / step[mode, True, True]:.2f}x" if (mode, True, True) in step else ""
+            print(f"{config} {mode}: compiled {eager / step[mode, True, False]:.2f}x faster than eager{kept}")
+        print(f"{config}: Lighthouse vs dense step, both compiled: "
+              f"{step['dense', True, False] / step['lighthouse', True, False]:.2f}x faster")
     for r in rows:
         if "top_kernels" in r:
-            print(f"\ntop CUDA kernels, one compiled {r['mode']} step of {r['config']}:")
+            keep = ", keeping attention" if r["keep_attention"] else ""
+            print(f"\ntop CUDA kernels, one compiled {r['mode']} step of {r['config']}{keep}:")
             for name, ms, share in r["top_kernels"]:
                 print(f"  {ms:8.1f} ms {100 * share:5.1f}%  {name}")
 

@@ -14,11 +14,12 @@ import math
 import os
 import pickle
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from lighthouse_kernel import check_lighthouse_config, gathered_length, lighthouse_attention, rope_rotate
 
@@ -46,6 +47,7 @@ class GPTConfig:
     lh_dilation: int = 4  # the dilated scorer's stride; block_size must be a multiple of it
     lh_rope: str = "before_pool"  # 'before_pool' (the paper) or 'span_end' (rotate each selected entry)
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    checkpoint_keep_attention: bool = False  # ... but keep attention's output: faster, B*T*n_embd more bf16 per layer
 
     @classmethod
     def from_settings(cls, settings):
@@ -70,6 +72,9 @@ class GPTConfig:
         for i in self.dense_layers:
             if not isinstance(i, int) or not -self.n_layer <= i < self.n_layer:
                 raise ValueError(f"dense_layers entry {i!r} is not a layer index for n_layer={self.n_layer}")
+        if self.checkpoint_keep_attention and not self.activation_checkpointing:
+            raise ValueError("checkpoint_keep_attention=True changes what activation checkpointing recomputes: "
+                             "set activation_checkpointing=True too, or leave it False")
         if lighthouse:
             check_lighthouse_config(self.block_size, self.lh_levels, self.lh_pool, self.lh_topk, self.n_head,
                                     self.n_kv_head, scorer=self.lh_scorer, dilation=self.lh_dilation)
@@ -118,6 +123,19 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint written by this version of train.py "
                               f"(expected the keys {', '.join(CHECKPOINT_KEYS)})")
     return ckpt
+
+
+# The attention kernels SDPA may dispatch to (GPU: cuDNN, flash, memory-efficient; CPU: flash).
+ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention.default,
+                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def keep_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy (checkpoint_keep_attention): keep the outputs of the attention
+    kernel, recompute everything else. The backward then runs attention once instead of twice."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class RMSNorm(nn.Module):
@@ -258,9 +276,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)  # (B, T, n_embd)
+        keep = partial(create_selective_checkpoint_contexts, keep_attention)
         for block in self.blocks:
             if self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, use_reentrant=False,
+                               context_fn=keep if self.config.checkpoint_keep_attention else noop_context_fn)
             else:
                 x = block(x, cos, sin)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab), in the autocast dtype (bf16 on a GPU)

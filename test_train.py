@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lighthouse_kernel as lk
 import model
@@ -180,6 +181,35 @@ def test_activation_checkpointing_changes_nothing_but_memory(mode):
         results.append((loss, [p.grad for p in model.parameters()]))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_checkpoint_keep_attention_runs_attention_once():
+    """With checkpoint_keep_attention the backward reuses each block's attention output instead of
+    recomputing it (one attention call per block, not two); losses and gradients do not change."""
+    config = dict(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, ffn_hidden=64,
+                  activation_checkpointing=True)
+    x = torch.randint(0, 257, (2, 257))
+
+    class CountAttention(TorchDispatchMode):  # sees the attention kernels that really run
+        calls = 0
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            self.calls += op == torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+            return op(*args, **(kwargs or {}))
+
+    results = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**config, checkpoint_keep_attention=keep))
+        with CountAttention() as counter:
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+        assert counter.calls == (2 if keep else 4)  # per block: the forward, and the recompute unless kept
+        results.append((loss, [p.grad for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+    with pytest.raises(ValueError, match="activation_checkpointing=True"):
+        GPTConfig(checkpoint_keep_attention=True).check()
 
 
 def test_dense_model_is_causal():

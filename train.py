@@ -83,7 +83,7 @@ DEFAULTS = {**TRAINER_DEFAULTS, **MODEL_DEFAULTS}
 CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine"), lh_scorer=("norm", "dilated"),
                lh_rope=("before_pool", "span_end"), compile=("auto", True, False))
 # Model settings a resumed run may change: they change memory use, not the model or its training.
-CHANGEABLE_ON_RESUME = ("activation_checkpointing",)
+CHANGEABLE_ON_RESUME = ("activation_checkpointing", "checkpoint_keep_attention")
 
 
 class ConfigError(ValueError):
