@@ -19,7 +19,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lighthouse_kernel import check_lighthouse_config, gathered_length, lighthouse_attention, rope_rotate
 
@@ -276,11 +276,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)  # (B, T, n_embd)
-        keep = partial(create_selective_checkpoint_contexts, keep_attention)
         for block in self.blocks:
-            if self.config.activation_checkpointing and self.training:
+            if self.config.activation_checkpointing and self.training and self.config.checkpoint_keep_attention:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False,
-                               context_fn=keep if self.config.checkpoint_keep_attention else noop_context_fn)
+                               context_fn=partial(create_selective_checkpoint_contexts, keep_attention))
+            elif self.config.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab), in the autocast dtype (bf16 on a GPU)

@@ -634,7 +634,8 @@ def test_ctrl_c_exits_130_and_a_second_one_aborts(dataset, tmp_path, monkeypatch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test; on a GPU, bench.py --mode=train compares "
                                                       "the first compiled and eager losses in bf16")
-@pytest.mark.parametrize("variant", [dict(), dict(lh_scorer="dilated", lh_rope="span_end")], ids=["norm", "dilated-span_end"])
+@pytest.mark.parametrize("variant", [dict(), dict(lh_scorer="dilated", lh_rope="span_end", checkpoint_keep_attention=True)],
+                         ids=["norm", "dilated-span_end-keep_attention"])
 def test_compiled_training_matches_eager(dataset, tmp_path, monkeypatch, variant):
     """torch.compile (the default on CUDA) trains as eager does: the same losses, to rounding,
     through both phases, with activation checkpointing. On a CPU the model would run the reference
