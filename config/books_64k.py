@@ -5,7 +5,7 @@
 # Measured on H200s (torch 2.11, compiled), 3 seeds: about 2.2 minutes of training, 11.3 GB peak, final dense
 # val loss 2.22 +- 0.09; the dense baseline (--lighthouse_iters=0 --recovery_iters=320) 3.3 minutes and
 # 2.08 +- 0.15. Identical runs end up to 0.3 apart: compare seeds, not single runs (docs/results.md).
-# Lighthouse phase 584k tok/s, dense 250k tok/s (train.py on one H200, docs/benchmarks.md).
+# Lighthouse phase 606k tok/s, dense 256k tok/s (train.py on one H200, docs/benchmarks.md).
 out_dir = "out-books-64k"
 dataset = "books_bytes"
 block_size = 65536

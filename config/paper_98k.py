@@ -4,10 +4,10 @@
 # Hardware: a multi-GPU node, e.g. torchrun --standalone --nproc_per_node=8 train.py config/paper_98k.py
 # (gradient_accumulation_steps is the global count and is split across the GPUs).
 # Measured steps only, not a run: on one H200, compiled, one sequence per step, a Lighthouse step takes
-# 1.23 s (79.9k tok/s), a dense one 5.10 s (19.3k tok/s), 18 GiB peak with activation checkpointing
-# (python bench.py --mode=train --configs config/paper_98k.py). At those rates, and if 8 GPUs scaled
-# perfectly (an estimate), the 16k steps would take about 2 days on 8 H200s. The paper reports a
-# final loss of 0.698 (dense from scratch: 0.724).
+# 1.25 s (78.4k tok/s), a dense one 5.07 s (19.4k tok/s), 18.4 GiB peak with activation checkpointing;
+# with checkpoint_keep_attention = True (23.2 GiB) 1.09 s and 4.17 s (docs/benchmarks.md). At the
+# first rates, and if 8 GPUs scaled perfectly (an estimate), the 16k steps would take about 2 days
+# on 8 H200s. The paper reports a final loss of 0.698 (dense from scratch: 0.724).
 out_dir = "out-paper-98k"
 dataset = "books_bytes"
 block_size = 98304
