@@ -277,13 +277,13 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
-            if self.config.activation_checkpointing and self.training and self.config.checkpoint_keep_attention:
+            if not (self.config.activation_checkpointing and self.training):
+                x = block(x, cos, sin)
+            elif self.config.checkpoint_keep_attention:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False,
                                context_fn=partial(create_selective_checkpoint_contexts, keep_attention))
-            elif self.config.activation_checkpointing and self.training:
+            else:  # (a call of its own: torch.compile refuses the default context_fn passed explicitly)
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab), in the autocast dtype (bf16 on a GPU)
         if targets is None:
             return logits, None
