@@ -186,12 +186,12 @@ def bench_breakdown(N, topk=None):
         "pool + gather (q, k, v)": lambda: [lk.triton_gather(x, idx, inv, LEVELS, POOL, None, None) for x in (q, k, v)],
         "SDPA fwd (default backend)": lambda: F.scaled_dot_product_attention(*sel, is_causal=True),
         "scatter": lambda: lk.triton_scatter(attn, idx, inv, N, LEVELS, POOL),
-        "scatter backward": lambda: lk._scatter_backward(dout, idx, LEVELS, POOL),
+        "scatter backward": lambda: lk._scatter_backward_op(dout, idx, LEVELS, POOL),
         "SDPA fwd+bwd cuDNN": sdpa_fwd_bwd(SDPBackend.CUDNN_ATTENTION),
         "SDPA fwd+bwd flash": sdpa_fwd_bwd(SDPBackend.FLASH_ATTENTION),
         "SDPA fwd+bwd default": sdpa_fwd_bwd(),
         "gather backward (q, k, v)": lambda: [
-            lk._gather_backward(d_attn, inv, list(x.shape), True, LEVELS, POOL, None, None) for x in (q, k, v)],
+            lk._gather_backward_op(d_attn, inv, list(x.shape), True, LEVELS, POOL, None, None) for x in (q, k, v)],
         "whole layer fwd (no grad)": torch.no_grad()(
             lambda: lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton")),
         "whole layer fwd+bwd": layer_fwd_bwd,
@@ -224,8 +224,8 @@ def bench_copies(N=262144, heads=32, kv_heads=8):
                                 d_attn)
 
     cases = {
-        "scatter backward, strided gradient (now)": lambda: lk._scatter_backward(dout, idx, LEVELS, POOL),
-        "scatter backward, gradient copied first (before)": lambda: lk._scatter_backward(
+        "scatter backward, strided gradient (now)": lambda: lk._scatter_backward_op(dout, idx, LEVELS, POOL),
+        "scatter backward, gradient copied first (before)": lambda: lk._scatter_backward_op(
             dout.contiguous(), idx, LEVELS, POOL),
         "SDPA fwd+bwd on M, SDPA's own GQA (now)": lambda: attend(*sel, True),
         "SDPA fwd+bwd on M, k and v expanded (before)": lambda: attend(sel[0], *expanded, False),

@@ -28,17 +28,19 @@ Everything is indexed in one concatenated pyramid layout per head:
 so "pyramid index" e at level lvl means entry j = e - offset(lvl), covering tokens
 [j * p^lvl, (j+1) * p^lvl).
 
-The file has three parts:
-  * check_lighthouse_config: the domain rules, with errors that say what to change.
-  * The reference: one small function per step (`ref_*`), composed by `lighthouse_reference`.
-    Read these to learn the method.
-  * The Triton path: a `triton_*` twin of each reference step, composed by `lighthouse_triton`.
-    Kernels for the norms, the pooling, the selection+order, the gather (with the span-end
-    rotation fused) and the scatter, each with a hand-written backward; the attention core, and
-    the dilated scorer's two attention passes, stay torch SDPA (cuDNN on an H100/H200). The
-    kernels are registered as torch custom ops, so torch.compile sees them as single calls
-    instead of breaking its graph. It computes the same function as the reference,
-    deterministically (no atomics).
+The file reads top to bottom as the method:
+  * The layout: pyramid indices, the selection's tiles, the gathered length M.
+  * The reference: one small function per step (`ref_*`), in the order the layer runs them,
+    composed by `lighthouse_reference`. Read these to learn the method.
+  * The domain: what the layer accepts (check_lighthouse_config), with errors that say what to
+    change, checked before any work.
+  * The Triton path: the kernels, each the twin of a reference step (the norms, the pooling, the
+    selection + order, the gather with the span-end rotation fused, the scatter, and the
+    backward passes of the last two), then their host wrappers (`triton_*`) and their
+    registration as torch ops, so that torch.compile sees each launch as one call instead of
+    breaking its graph; composed by `lighthouse_triton`. The attention core and the dilated
+    scorer's two attention passes stay torch SDPA (cuDNN on an H100/H200). It computes the same
+    function as the reference, deterministically (no atomics).
 
 Public entry points: lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm",
 dilation=4, rope=None) and lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None).
@@ -47,13 +49,11 @@ dilation=4, rope=None) and lighthouse_select(q_scores, k_scores, levels, pool, t
 import contextlib
 import math
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import Tensor
 
 TILE_KEEP = 128  # entries each tile keeps (refines) at every level
 HALF_KEEP = 64  # ... of which 64 by q-score, then 64 by k-score
@@ -62,7 +62,280 @@ MAX_GRID_HEADS = 65535  # CUDA's limit on grid axis 1, where the kernels put bat
 
 
 # -----------------------------------------------------------------------------
-# The domain
+# The layout: pyramid indices, tiles, the gathered length
+
+
+def level_offsets(seq_len, levels, pool):
+    """Start of each level in the concatenated pyramid layout, and the total length P."""
+    offsets, total = [], 0
+    for lvl in range(levels):
+        offsets.append(total)
+        total += seq_len // pool**lvl
+    return offsets, total
+
+
+def gathered_length(seq_len, levels, pool, topk):
+    """M: all coarsest entries, plus 128*p candidates per tile at each of the L-1 finer levels."""
+    return seq_len // pool ** (levels - 1) + (levels - 1) * pool * topk
+
+
+def tiles(seq_len, levels, pool, topk):
+    """The selection's tiles: (number of tiles T = topk/128, coarsest entries per tile C).
+    Tile t owns the coarsest entries [t*C, (t+1)*C), i.e. the tokens [t*C*p^(L-1), (t+1)*C*p^(L-1));
+    the last tile also owns the remainder, up to N."""
+    n_tiles = topk // TILE_KEEP
+    return n_tiles, seq_len // pool ** (levels - 1) // n_tiles
+
+
+# -----------------------------------------------------------------------------
+# The reference: plain PyTorch, one function per step, in the order the layer runs them
+
+
+def ref_pyramid(x, levels, pool):
+    """Step 1. Mean-pool x (B, H, N, D) over aligned spans of pool^lvl tokens, for every level.
+
+    Returns the concatenated pyramid (B, H, N + N/p + ... , D). Level lvl+1 is the mean of p
+    consecutive level-lvl entries, which is the mean of its p^(lvl+1) tokens.
+    """
+    B, H, N, D = x.shape
+    pyramid = [x]
+    for _ in range(1, levels):
+        finer = pyramid[-1]
+        # (B, H, n, D) -> (B, H, n/p, p, D) -> mean over the p children -> (B, H, n/p, D)
+        pyramid.append(finer.reshape(B, H, finer.shape[2] // pool, pool, D).mean(dim=3))
+    return torch.cat(pyramid, dim=2)
+
+
+def _max_over_group(scores, n_groups):
+    """(B, H, N) per query head -> (B, G, N): the max over each kv group's query heads."""
+    B, H, N = scores.shape
+    return scores.view(B, n_groups, H // n_groups, N).amax(dim=2)
+
+
+
+def ref_norm_scores(q, k):
+    """Step 2a, the norm scorer. Per-token scores for each kv head: max over the group's query
+    heads of ||q_t||, and ||k_t||; both (B, H_kv, N) in fp32.
+
+    The squared norm is summed in fp64 so that the result does not depend on summation order:
+    for bf16 inputs every term is exact, so both paths produce bitwise-equal scores and
+    select the same entries. (bf16 norms tie constantly; fp32 is what the scores are kept in.)
+    """
+    q_norm = q.double().square().sum(-1).sqrt().float()  # (B, H, N)
+    k_norm = k.double().square().sum(-1).sqrt().float()  # (B, G, N)
+    return _max_over_group(q_norm, k.shape[1]), k_norm
+
+
+def ref_dilated_scores(q, k, v, dilation):
+    """Step 2a, the dilated scorer. Split the positions into `dilation` interleaved phases
+    (t mod dilation) and run causal softmax attention inside each phase, twice:
+        a_qk[t] = sum over s <= t in t's phase of softmax_s(q_t . k_s / sqrt(D)) v_s
+        a_kq[t] = sum over s <= t in t's phase of softmax_s(k_t . q_s / sqrt(D)) v_s
+    The q-score of token t is ||a_qk[t]||, its k-score ||a_kq[t]||, per query head, then the
+    max over each kv group's query heads. fp32 throughout; returns two (B, H_kv, N) tensors.
+    """
+    B, H, N, D = q.shape
+    G = k.shape[1]
+
+    def phases(x):  # (B, H, N, D) -> (B, H, dilation, N/dilation, D): phase r holds r, r+d, r+2d, ...
+        return x.float().reshape(B, H, N // dilation, dilation, D).transpose(2, 3)
+
+    q_ph = phases(q)
+    k_ph, v_ph = (phases(x.repeat_interleave(H // G, dim=1)) for x in (k, v))  # kv heads to query heads
+    causal = torch.ones(N // dilation, N // dilation, dtype=torch.bool, device=q.device).tril()
+
+    def attend(queries, keys):  # causal softmax attention inside each phase, over v
+        logits = (queries @ keys.transpose(-1, -2)) / math.sqrt(D)  # (B, H, dilation, N/d, N/d)
+        return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v_ph  # (B, H, dilation, N/d, D)
+
+    def token_scores(a):  # (B, H, dilation, N/d, D) -> norms back in position order (B, H, N)
+        return a.norm(dim=-1).transpose(2, 3).reshape(B, H, N)
+
+    a_qk, a_kq = attend(q_ph, k_ph), attend(k_ph, q_ph)
+    return _max_over_group(token_scores(a_qk), G), _max_over_group(token_scores(a_kq), G)
+
+
+def ref_token_scores(q, k, v, scorer="norm", dilation=4):
+    """Step 2a with the chosen scorer: (B, H_kv, N) q-scores and k-scores, fp32, no gradient."""
+    with torch.no_grad():
+        return ref_dilated_scores(q, k, v, dilation) if scorer == "dilated" else ref_norm_scores(q, k)
+
+
+
+def ref_score_pyramid(token_scores, levels, pool):
+    """Step 2b. Scores of coarser entries: the max over their tokens, as a max-pool of the level
+    below. (B, G, N) -> concatenated (B, G, N + N/p + ...). Exact, so both paths share it."""
+    B, G, N = token_scores.shape
+    pyramid = [token_scores]
+    for _ in range(1, levels):
+        finer = pyramid[-1]
+        pyramid.append(finer.view(B, G, finer.shape[2] // pool, pool).amax(dim=3))  # (B, G, n/p)
+    return torch.cat(pyramid, dim=2)
+
+
+def ref_keep(q_score, k_score):
+    """The choice made at every level of a tile: among the candidates (last dim), keep the 64 with
+    the largest q-score, then the 64 with the largest k-score among the rest. Stable sorts make
+    the lower index win ties. Returns a bool mask of the 128 kept candidates."""
+    by_q = torch.sort(q_score, dim=-1, descending=True, stable=True).indices[..., :HALF_KEEP]
+    kept = torch.zeros_like(q_score, dtype=torch.bool).scatter_(-1, by_q, True)
+    k_rest = k_score.masked_fill(kept, float("-inf"))
+    by_k = torch.sort(k_rest, dim=-1, descending=True, stable=True).indices[..., :HALF_KEEP]
+    return kept.scatter_(-1, by_k, True)
+
+
+def causal_key(level, j, is_node, levels, pool):
+    """Step 4's integer sort key of entry j of `level` (tensors or ints).
+
+    A leaf sits at the start s of its span: key s*L. A node sits just after the last token of its
+    span (end b, exclusive): key b*L - L + level, i.e. after all its descendants (lower levels end
+    there too and get smaller keys), and before anything starting at b (key b*L).
+    """
+    span = pool**level
+    leaf_key = j * span * levels
+    node_key = (j + 1) * span * levels - levels + level
+    return torch.where(is_node, node_key, leaf_key)
+
+
+@torch.no_grad()
+def ref_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
+    """Steps 3 and 4. Choose the pyramid entries to attend over, per (batch, kv head), and sort
+    them into causal order.
+
+    The coarsest level is cut into T = topk/128 tiles (the last one takes the remainder). In a
+    tile the candidates start as all its coarsest entries; at each level every candidate is
+    emitted: the 128 kept ones as nodes (which are also refined: their p children become the
+    next level's candidates), the rest as leaves. At level 0 all candidates are emitted as
+    leaves. Returns pyramid indices (B, G, M) int64 in causal order.
+
+    This selection reads ahead. Given the selection the layer is exactly causal, but the
+    selection itself is not: a span's score is the max over all its tokens, so whether the span
+    holding token t is refined depends on t+1, t+2, ... (the cascade), and the 128 kept entries
+    are chosen against every other entry of the tile, later ones included (the competition).
+    Whether t gets fine-grained outputs thus depends on tokens up to the end of its tile, and a
+    trained model learns to decode that: its Lighthouse-mode loss is optimistic (probe_lookahead.py
+    measures by how much). ref_select_causal below cannot read ahead.
+    """
+    B, G, _ = q_score_pyr.shape
+    offsets, _ = level_offsets(seq_len, levels, pool)
+    top = levels - 1
+    n_top = seq_len // pool**top
+    n_tiles, tile = tiles(seq_len, levels, pool, topk)
+    device = q_score_pyr.device
+    children = torch.arange(pool, device=device)
+
+    indices, keys = [], []
+    for t in range(n_tiles):
+        end = n_top if t == n_tiles - 1 else (t + 1) * tile
+        cand = torch.arange(t * tile, end, device=device).expand(B, G, -1)  # (B, G, C) level-top j's
+        for level in range(top, -1, -1):
+            pyr_index = offsets[level] + cand  # (B, G, n_cand)
+            if level == 0:
+                is_node = torch.zeros_like(cand, dtype=torch.bool)
+            else:
+                is_node = ref_keep(q_score_pyr.gather(2, pyr_index), k_score_pyr.gather(2, pyr_index))
+            indices.append(pyr_index)
+            keys.append(causal_key(level, cand, is_node, levels, pool))
+            if level > 0:
+                # the kept (ascending) become parents: (B, G, 128) -> children (B, G, 128 * p)
+                parents = cand[is_node].view(B, G, TILE_KEEP)
+                cand = (parents[..., None] * pool + children).flatten(2)
+    indices, keys = torch.cat(indices, dim=2), torch.cat(keys, dim=2)  # (B, G, M)
+    order = keys.argsort(dim=2)  # keys are unique, so this order is fully determined
+    return indices.gather(2, order)
+
+
+def inverse_map(indices, pyramid_len):
+    """(B, G, M) selected pyramid indices -> (B, G, pyramid_len) position in the gathered sequence,
+    or -1 where the entry is not selected. Lets the scatter and backward passes be gathers."""
+    B, G, M = indices.shape
+    positions = torch.arange(M, device=indices.device).expand(B, G, M)
+    inv = torch.full((B, G, pyramid_len), -1, dtype=torch.int64, device=indices.device)
+    return inv.scatter_(2, indices, positions)
+
+
+def ref_gather(pyramid, indices):
+    """Step 5a. pyramid (B, Hx, P, D), indices (B, G, M) -> (B, Hx, M, D): each head takes the
+    entries its kv group selected (head h belongs to group h // (Hx / G))."""
+    B, Hx, _, D = pyramid.shape
+    per_group = indices.repeat_interleave(Hx // indices.shape[1], dim=1)  # (B, Hx, M)
+    return pyramid.gather(2, per_group[..., None].expand(-1, -1, -1, D))
+
+
+
+def last_token(indices, seq_len, levels, pool):
+    """The last token (j+1)*p^lvl - 1 of the span of each pyramid index (any shape)."""
+    offsets, _ = level_offsets(seq_len, levels, pool)
+    span = torch.ones_like(indices)
+    j = indices.clone()
+    for lvl in range(1, levels):
+        upper = indices >= offsets[lvl]
+        span = torch.where(upper, pool**lvl, span)
+        j = torch.where(upper, indices - offsets[lvl], j)
+    return (j + 1) * span - 1
+
+
+def rope_rotate(x, cos, sin):
+    """Rotate each consecutive pair (x[..., 2i], x[..., 2i+1]) of x by the angle whose cos and sin
+    are cos[..., i], sin[..., i] (broadcast against x's leading dims). Computed in fp32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (..., D/2)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., D/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (..., D)
+
+
+def ref_rope_at_span_end(x_sel, indices, cos, sin, seq_len, levels, pool):
+    """Step 5b, RoPE at the span end. Rotate each gathered entry x_sel (B, Hx, M, D) of pyramid
+    index indices (B, G, M) at the last token of its span: a level-0 entry at its own position,
+    a node where the causal order places it. cos, sin: (>= N, D/2) tables."""
+    pos = last_token(indices, seq_len, levels, pool)  # (B, G, M)
+    pos = pos.repeat_interleave(x_sel.shape[1] // indices.shape[1], dim=1)  # (B, Hx, M)
+    return rope_rotate(x_sel, cos[pos], sin[pos])  # tables (B, Hx, M, D/2)
+
+
+def ref_scatter(attn, inv, seq_len, levels, pool):
+    """Step 6. attn (B, H, M, D) -> out (B, H, N, D) with the causal shift.
+
+    out[t] = sum over levels of the output of entry (lvl, (t+1) // p^lvl - 1), if selected: the
+    most recently *completed* span of each level. Equivalently an entry covering [a, a+c) feeds
+    tokens [a+c-1, a+2c-1): from its own last token on, never earlier.
+    """
+    B, H, M, D = attn.shape
+    G = inv.shape[1]
+    offsets, _ = level_offsets(seq_len, levels, pool)
+    t = torch.arange(seq_len, device=attn.device)
+    out = torch.zeros(B, H, seq_len, D, dtype=attn.dtype, device=attn.device)
+    for level in range(levels):
+        j = (t + 1) // pool**level - 1  # (N,) last completed entry of this level; -1: none yet
+        pos = inv[:, :, offsets[level] + j.clamp(min=0)]  # (B, G, N)
+        pos = torch.where(j >= 0, pos, -1).repeat_interleave(H // G, dim=1)  # (B, H, N)
+        rows = attn.gather(2, pos.clamp(min=0)[..., None].expand(-1, -1, -1, D))  # (B, H, N, D)
+        out = out + rows * (pos >= 0)[..., None]
+    return out
+
+
+def lighthouse_reference(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None):
+    """The whole layer in plain PyTorch: q (B, H, N, D), k, v (B, H_kv, N, D) -> (B, H, N, D)."""
+    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope)
+    B, H, N, D = q.shape
+    G = k.shape[1]
+    q_pyr, k_pyr, v_pyr = (ref_pyramid(x, levels, pool) for x in (q, k, v))  # (B, *, P, D)
+    with torch.no_grad():
+        q_tok, k_tok = ref_token_scores(q, k, v, scorer, dilation)  # (B, G, N) each
+        q_score = ref_score_pyramid(q_tok, levels, pool)  # (B, G, P)
+        k_score = ref_score_pyramid(k_tok, levels, pool)
+        indices = ref_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M)
+        inv = inverse_map(indices, q_score.shape[2])  # (B, G, P)
+    q_sel, k_sel, v_sel = (ref_gather(x, indices) for x in (q_pyr, k_pyr, v_pyr))  # (B, H or G, M, D)
+    if rope is not None:
+        q_sel = ref_rope_at_span_end(q_sel, indices, *rope, N, levels, pool)
+        k_sel = ref_rope_at_span_end(k_sel, indices, *rope, N, levels, pool)
+    k_sel, v_sel = (x.repeat_interleave(H // G, dim=1) for x in (k_sel, v_sel))  # (B, G, M, D) -> (B, H, M, D)
+    attn = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True)  # (B, H, M, D)
+    return ref_scatter(attn, inv, N, levels, pool)
+
+
+# -----------------------------------------------------------------------------
+# The domain: what the layer accepts, checked before any work
 
 
 def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=None, scorer="norm", dilation=4):
@@ -118,19 +391,6 @@ def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=
     return gathered_length(seq_len, levels, pool, topk)
 
 
-def gathered_length(seq_len, levels, pool, topk):
-    """M: all coarsest entries, plus 128*p candidates per tile at each of the L-1 finer levels."""
-    return seq_len // pool ** (levels - 1) + (levels - 1) * pool * topk
-
-
-def level_offsets(seq_len, levels, pool):
-    """Start of each level in the concatenated pyramid layout, and the total length P."""
-    offsets, total = [], 0
-    for lvl in range(levels):
-        offsets.append(total)
-        total += seq_len // pool**lvl
-    return offsets, total
-
 
 def _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope):
     """The layer's inputs, checked before any work: shapes, devices, dtypes, the domain."""
@@ -162,243 +422,6 @@ def _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope):
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q, k, v must be float32, float16 or bfloat16 (got {q.dtype})")
     check_lighthouse_config(N, levels, pool, topk, n_head=H, n_kv_head=k.shape[1], scorer=scorer, dilation=dilation)
-
-
-# -----------------------------------------------------------------------------
-# The reference: plain PyTorch, one function per step
-
-
-def ref_pyramid(x, levels, pool):
-    """Step 1. Mean-pool x (B, H, N, D) over aligned spans of pool^lvl tokens, for every level.
-
-    Returns the concatenated pyramid (B, H, N + N/p + ... , D). Level lvl+1 is the mean of p
-    consecutive level-lvl entries, which is the mean of its p^(lvl+1) tokens.
-    """
-    B, H, N, D = x.shape
-    pyramid = [x]
-    for _ in range(1, levels):
-        finer = pyramid[-1]
-        # (B, H, n, D) -> (B, H, n/p, p, D) -> mean over the p children -> (B, H, n/p, D)
-        pyramid.append(finer.reshape(B, H, finer.shape[2] // pool, pool, D).mean(dim=3))
-    return torch.cat(pyramid, dim=2)
-
-
-def _max_over_group(scores, n_groups):
-    """(B, H, N) per query head -> (B, G, N): the max over each kv group's query heads."""
-    B, H, N = scores.shape
-    return scores.view(B, n_groups, H // n_groups, N).amax(dim=2)
-
-
-def ref_norm_scores(q, k):
-    """Step 2a, the norm scorer. Per-token scores for each kv head: max over the group's query
-    heads of ||q_t||, and ||k_t||; both (B, H_kv, N) in fp32.
-
-    The squared norm is summed in fp64 so that the result does not depend on summation order:
-    for bf16 inputs every term is exact, so both paths produce bitwise-equal scores and
-    select the same entries. (bf16 norms tie constantly; fp32 is what the scores are kept in.)
-    """
-    q_norm = q.double().square().sum(-1).sqrt().float()  # (B, H, N)
-    k_norm = k.double().square().sum(-1).sqrt().float()  # (B, G, N)
-    return _max_over_group(q_norm, k.shape[1]), k_norm
-
-
-def ref_dilated_scores(q, k, v, dilation):
-    """Step 2a, the dilated scorer. Split the positions into `dilation` interleaved phases
-    (t mod dilation) and run causal softmax attention inside each phase, twice:
-        a_qk[t] = sum over s <= t in t's phase of softmax_s(q_t . k_s / sqrt(D)) v_s
-        a_kq[t] = sum over s <= t in t's phase of softmax_s(k_t . q_s / sqrt(D)) v_s
-    The q-score of token t is ||a_qk[t]||, its k-score ||a_kq[t]||, per query head, then the
-    max over each kv group's query heads. fp32 throughout; returns two (B, H_kv, N) tensors.
-    """
-    B, H, N, D = q.shape
-    G = k.shape[1]
-
-    def phases(x):  # (B, H, N, D) -> (B, H, dilation, N/dilation, D): phase r holds r, r+d, r+2d, ...
-        return x.float().reshape(B, H, N // dilation, dilation, D).transpose(2, 3)
-
-    q_ph = phases(q)
-    k_ph, v_ph = (phases(x.repeat_interleave(H // G, dim=1)) for x in (k, v))  # kv heads to query heads
-    causal = torch.ones(N // dilation, N // dilation, dtype=torch.bool, device=q.device).tril()
-
-    def attend(queries, keys):  # causal softmax attention inside each phase, over v
-        logits = (queries @ keys.transpose(-1, -2)) / math.sqrt(D)  # (B, H, dilation, N/d, N/d)
-        return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v_ph  # (B, H, dilation, N/d, D)
-
-    def token_scores(a):  # (B, H, dilation, N/d, D) -> norms back in position order (B, H, N)
-        return a.norm(dim=-1).transpose(2, 3).reshape(B, H, N)
-
-    a_qk, a_kq = attend(q_ph, k_ph), attend(k_ph, q_ph)
-    return _max_over_group(token_scores(a_qk), G), _max_over_group(token_scores(a_kq), G)
-
-
-def ref_score_pyramid(token_scores, levels, pool):
-    """Step 2b. Scores of coarser entries: the max over their tokens, as a max-pool of the level
-    below. (B, G, N) -> concatenated (B, G, N + N/p + ...). Exact, so both paths share it."""
-    B, G, N = token_scores.shape
-    pyramid = [token_scores]
-    for _ in range(1, levels):
-        finer = pyramid[-1]
-        pyramid.append(finer.view(B, G, finer.shape[2] // pool, pool).amax(dim=3))  # (B, G, n/p)
-    return torch.cat(pyramid, dim=2)
-
-
-def ref_keep(q_score, k_score):
-    """The choice made at every level of a tile: among the candidates (last dim), keep the 64 with
-    the largest q-score, then the 64 with the largest k-score among the rest. Stable sorts make
-    the lower index win ties. Returns a bool mask of the 128 kept candidates."""
-    by_q = torch.sort(q_score, dim=-1, descending=True, stable=True).indices[..., :HALF_KEEP]
-    kept = torch.zeros_like(q_score, dtype=torch.bool).scatter_(-1, by_q, True)
-    k_rest = k_score.masked_fill(kept, float("-inf"))
-    by_k = torch.sort(k_rest, dim=-1, descending=True, stable=True).indices[..., :HALF_KEEP]
-    return kept.scatter_(-1, by_k, True)
-
-
-def causal_key(level, j, is_node, levels, pool):
-    """Step 4's integer sort key of entry j of `level` (tensors or ints).
-
-    A leaf sits at the start s of its span: key s*L. A node sits just after the last token of its
-    span (end b, exclusive): key b*L - L + level, i.e. after all its descendants (lower levels end
-    there too and get smaller keys), and before anything starting at b (key b*L).
-    """
-    span = pool**level
-    leaf_key = j * span * levels
-    node_key = (j + 1) * span * levels - levels + level
-    return torch.where(is_node, node_key, leaf_key)
-
-
-@torch.no_grad()
-def ref_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
-    """Steps 3 and 4. Choose the pyramid entries to attend over, per (batch, kv head), and sort
-    them into causal order.
-
-    The coarsest level is cut into T = topk/128 tiles (the last one takes the remainder). In a
-    tile the candidates start as all its coarsest entries; at each level every candidate is
-    emitted: the 128 kept ones as nodes (which are also refined: their p children become the
-    next level's candidates), the rest as leaves. At level 0 all candidates are emitted as
-    leaves. Returns pyramid indices (B, G, M) int64 in causal order.
-    """
-    B, G, _ = q_score_pyr.shape
-    offsets, _ = level_offsets(seq_len, levels, pool)
-    top = levels - 1
-    n_top = seq_len // pool**top
-    n_tiles = topk // TILE_KEEP
-    tile = n_top // n_tiles
-    device = q_score_pyr.device
-    children = torch.arange(pool, device=device)
-
-    indices, keys = [], []
-    for t in range(n_tiles):
-        end = n_top if t == n_tiles - 1 else (t + 1) * tile
-        cand = torch.arange(t * tile, end, device=device).expand(B, G, -1)  # (B, G, C) level-top j's
-        for level in range(top, -1, -1):
-            pyr_index = offsets[level] + cand  # (B, G, n_cand)
-            if level == 0:
-                is_node = torch.zeros_like(cand, dtype=torch.bool)
-            else:
-                is_node = ref_keep(q_score_pyr.gather(2, pyr_index), k_score_pyr.gather(2, pyr_index))
-            indices.append(pyr_index)
-            keys.append(causal_key(level, cand, is_node, levels, pool))
-            if level > 0:
-                # the kept (ascending) become parents: (B, G, 128) -> children (B, G, 128 * p)
-                parents = cand[is_node].view(B, G, TILE_KEEP)
-                cand = (parents[..., None] * pool + children).flatten(2)
-    indices, keys = torch.cat(indices, dim=2), torch.cat(keys, dim=2)  # (B, G, M)
-    order = keys.argsort(dim=2)  # keys are unique, so this order is fully determined
-    return indices.gather(2, order)
-
-
-def inverse_map(indices, pyramid_len):
-    """(B, G, M) selected pyramid indices -> (B, G, pyramid_len) position in the gathered sequence,
-    or -1 where the entry is not selected. Lets the scatter and backward passes be gathers."""
-    B, G, M = indices.shape
-    positions = torch.arange(M, device=indices.device).expand(B, G, M)
-    inv = torch.full((B, G, pyramid_len), -1, dtype=torch.int64, device=indices.device)
-    return inv.scatter_(2, indices, positions)
-
-
-def ref_gather(pyramid, indices):
-    """Step 5a. pyramid (B, Hx, P, D), indices (B, G, M) -> (B, Hx, M, D): each head takes the
-    entries its kv group selected (head h belongs to group h // (Hx / G))."""
-    B, Hx, _, D = pyramid.shape
-    per_group = indices.repeat_interleave(Hx // indices.shape[1], dim=1)  # (B, Hx, M)
-    return pyramid.gather(2, per_group[..., None].expand(-1, -1, -1, D))
-
-
-def last_token(indices, seq_len, levels, pool):
-    """The last token (j+1)*p^lvl - 1 of the span of each pyramid index (any shape)."""
-    offsets, _ = level_offsets(seq_len, levels, pool)
-    span = torch.ones_like(indices)
-    j = indices.clone()
-    for lvl in range(1, levels):
-        upper = indices >= offsets[lvl]
-        span = torch.where(upper, pool**lvl, span)
-        j = torch.where(upper, indices - offsets[lvl], j)
-    return (j + 1) * span - 1
-
-
-def rope_rotate(x, cos, sin):
-    """Rotate each consecutive pair (x[..., 2i], x[..., 2i+1]) of x by the angle whose cos and sin
-    are cos[..., i], sin[..., i] (broadcast against x's leading dims). Computed in fp32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (..., D/2)
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., D/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (..., D)
-
-
-def ref_rope_at_span_end(x_sel, indices, cos, sin, seq_len, levels, pool):
-    """Step 5b, RoPE at the span end. Rotate each gathered entry x_sel (B, Hx, M, D) of pyramid
-    index indices (B, G, M) at the last token of its span: a level-0 entry at its own position,
-    a node where the causal order places it. cos, sin: (>= N, D/2) tables."""
-    pos = last_token(indices, seq_len, levels, pool)  # (B, G, M)
-    pos = pos.repeat_interleave(x_sel.shape[1] // indices.shape[1], dim=1)  # (B, Hx, M)
-    return rope_rotate(x_sel, cos[pos], sin[pos])  # tables (B, Hx, M, D/2)
-
-
-def ref_scatter(attn, inv, seq_len, levels, pool):
-    """Step 6. attn (B, H, M, D) -> out (B, H, N, D) with the causal shift.
-
-    out[t] = sum over levels of the output of entry (lvl, (t+1) // p^lvl - 1), if selected: the
-    most recently *completed* span of each level. Equivalently an entry covering [a, a+c) feeds
-    tokens [a+c-1, a+2c-1): from its own last token on, never earlier.
-    """
-    B, H, M, D = attn.shape
-    G = inv.shape[1]
-    offsets, _ = level_offsets(seq_len, levels, pool)
-    t = torch.arange(seq_len, device=attn.device)
-    out = torch.zeros(B, H, seq_len, D, dtype=attn.dtype, device=attn.device)
-    for level in range(levels):
-        j = (t + 1) // pool**level - 1  # (N,) last completed entry of this level; -1: none yet
-        pos = inv[:, :, offsets[level] + j.clamp(min=0)]  # (B, G, N)
-        pos = torch.where(j >= 0, pos, -1).repeat_interleave(H // G, dim=1)  # (B, H, N)
-        rows = attn.gather(2, pos.clamp(min=0)[..., None].expand(-1, -1, -1, D))  # (B, H, N, D)
-        out = out + rows * (pos >= 0)[..., None]
-    return out
-
-
-def ref_token_scores(q, k, v, scorer="norm", dilation=4):
-    """Step 2a with the chosen scorer: (B, H_kv, N) q-scores and k-scores, fp32, no gradient."""
-    with torch.no_grad():
-        return ref_dilated_scores(q, k, v, dilation) if scorer == "dilated" else ref_norm_scores(q, k)
-
-
-def lighthouse_reference(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None):
-    """The whole layer in plain PyTorch: q (B, H, N, D), k, v (B, H_kv, N, D) -> (B, H, N, D)."""
-    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope)
-    B, H, N, D = q.shape
-    G = k.shape[1]
-    q_pyr, k_pyr, v_pyr = (ref_pyramid(x, levels, pool) for x in (q, k, v))  # (B, *, P, D)
-    with torch.no_grad():
-        q_tok, k_tok = ref_token_scores(q, k, v, scorer, dilation)  # (B, G, N) each
-        q_score = ref_score_pyramid(q_tok, levels, pool)  # (B, G, P)
-        k_score = ref_score_pyramid(k_tok, levels, pool)
-        indices = ref_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M)
-        inv = inverse_map(indices, q_score.shape[2])  # (B, G, P)
-    q_sel, k_sel, v_sel = (ref_gather(x, indices) for x in (q_pyr, k_pyr, v_pyr))  # (B, H or G, M, D)
-    if rope is not None:
-        q_sel = ref_rope_at_span_end(q_sel, indices, *rope, N, levels, pool)
-        k_sel = ref_rope_at_span_end(k_sel, indices, *rope, N, levels, pool)
-    k_sel, v_sel = (x.repeat_interleave(H // G, dim=1) for x in (k_sel, v_sel))  # (B, G, M, D) -> (B, H, M, D)
-    attn = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True)  # (B, H, M, D)
-    return ref_scatter(attn, inv, N, levels, pool)
 
 
 # -----------------------------------------------------------------------------
@@ -783,6 +806,9 @@ def _scatter_backward_kernel(grad_ptr, sg_b, sg_h, sg_n, idx_ptr, dattn_ptr, N, 
              mask=m_ok[:, None] & d_ok[None, :])
 
 
+# -----------------------------------------------------------------------------
+# Host wrappers: allocate the outputs and launch the kernels
+
 # Rows (tokens or entries) per program. Triton's CPU interpreter runs every program as Python,
 # so there fewer, larger programs keep the tests fast; on a GPU, 64 rows of 128 dims fill a program.
 ROWS = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 64
@@ -803,6 +829,20 @@ def _on_device(t):
 
 def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _like_layout(shape, seq_major, dtype, device):
+    """An empty (B, h, n, D) tensor laid out as (B, n, h, D) in memory if seq_major."""
+    B, h, n, D = shape
+    if seq_major:
+        return torch.empty(B, n, h, D, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(B, h, n, D, dtype=dtype, device=device)
+
+
+def _score_pyramid_like(q, k, levels, pool):
+    """An empty (B, G, P) fp32 score pyramid for q (B, H, N, D), k (B, G, N, D)."""
+    _, P = level_offsets(q.shape[2], levels, pool)
+    return torch.empty(q.shape[0], k.shape[1], P, dtype=torch.float32, device=q.device)
 
 
 def triton_pyramid(x, levels, pool):
@@ -830,8 +870,7 @@ def triton_pyramid(x, levels, pool):
     return upper
 
 
-@torch.library.custom_op("lighthouse::norm_scores", mutates_args=())
-def triton_norm_scores(q: Tensor, k: Tensor, levels: int, pool: int) -> tuple[Tensor, Tensor]:
+def _launch_norm_scores(q, k, levels, pool):
     """Twin of ref_norm_scores + ref_score_pyramid: the (B, G, P) fp32 score pyramids of q and k.
 
     The kernel max-pools the coarser levels itself when a block of ROWS tokens holds whole
@@ -840,25 +879,17 @@ def triton_norm_scores(q: Tensor, k: Tensor, levels: int, pool: int) -> tuple[Te
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     B, H, N, D = q.shape
     G = k.shape[1]
-    _, P = level_offsets(N, levels, pool)
     fused = pool ** (levels - 1) <= ROWS
     pyramids = []
     with _on_device(q):
         for x in (q, k):
-            score = torch.empty(B, G, P if fused else N, dtype=torch.float32, device=x.device)
+            score = _score_pyramid_like(q, k, levels if fused else 1, pool)  # (B, G, P), or (B, G, N)
             _norm_score_kernel[_grid(N, ROWS, B * G)](
                 x, *x.stride()[:3], score, N, score.shape[2], D, G=G, GROUP=x.shape[1] // G,
                 LEVELS=levels if fused else 1, POOL=pool, BLOCK_T=ROWS, BLOCK_D=triton.next_power_of_2(D),
                 num_warps=4)
             pyramids.append(score if fused else ref_score_pyramid(score, levels, pool))
     return pyramids[0], pyramids[1]
-
-
-@triton_norm_scores.register_fake
-def _(q, k, levels, pool):
-    B, _, N, _ = q.shape
-    _, P = level_offsets(N, levels, pool)
-    return q.new_empty(B, k.shape[1], P, dtype=torch.float32), q.new_empty(B, k.shape[1], P, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -889,16 +920,13 @@ def triton_dilated_scores(q, k, v, dilation):
     return token_scores(a_qk), token_scores(a_kq)
 
 
-@torch.library.custom_op("lighthouse::select", mutates_args=())
-def triton_select(q_score_pyr: Tensor, k_score_pyr: Tensor, seq_len: int, levels: int, pool: int,
-                  topk: int) -> tuple[Tensor, Tensor]:
+def _launch_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
     """Twin of ref_select on score pyramids (B, G, P). Returns the selected pyramid indices in
     causal order (B, G, M) int64 and the inverse map (B, G, P) int64."""
     B, G, P = q_score_pyr.shape
     M = gathered_length(seq_len, levels, pool, topk)
+    n_tiles, tile = tiles(seq_len, levels, pool, topk)
     n_top = seq_len // pool ** (levels - 1)
-    n_tiles = topk // TILE_KEEP
-    tile = n_top // n_tiles
     widest = tile + n_top % n_tiles  # the last tile's coarsest candidates
     fine = TILE_KEEP * pool
     chunk = min(SELECT_CHUNK, triton.next_power_of_2(max(widest, fine)))
@@ -914,13 +942,6 @@ def triton_select(q_score_pyr: Tensor, k_score_pyr: Tensor, seq_len: int, levels
     return idx, inv
 
 
-@triton_select.register_fake
-def _(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
-    B, G, P = q_score_pyr.shape
-    M = gathered_length(seq_len, levels, pool, topk)
-    return (q_score_pyr.new_empty(B, G, M, dtype=torch.int64), q_score_pyr.new_empty(B, G, P, dtype=torch.int64))
-
-
 def _rope_args(x, cos, sin):
     """Kernel arguments for the optional rotation tables (x stands in when there are none)."""
     if cos is None:
@@ -928,12 +949,9 @@ def _rope_args(x, cos, sin):
     return cos.contiguous(), sin.contiguous(), cos.shape[1]
 
 
-@torch.library.custom_op("lighthouse::gather", mutates_args=())
-def triton_gather(x: Tensor, idx: Tensor, inv: Tensor, levels: int, pool: int, cos: Optional[Tensor],
-                  sin: Optional[Tensor]) -> Tensor:
+def _launch_gather(x, idx, levels, pool, cos, sin):
     """Twin of ref_pyramid + ref_gather (+ ref_rope_at_span_end when cos, sin are given):
-    x (B, Hx, N, D) -> the selected pyramid rows of every head (B, Hx, M, D). Differentiable in x;
-    the backward differentiates through the pooling and the rotation too."""
+    x (B, Hx, N, D) -> the selected pyramid rows of every head (B, Hx, M, D)."""
     x = _last_dim_contiguous(x)
     B, HX, N, D = x.shape
     G, M = idx.shape[1], idx.shape[2]
@@ -947,26 +965,12 @@ def triton_gather(x: Tensor, idx: Tensor, inv: Tensor, levels: int, pool: int, c
     return out
 
 
-@triton_gather.register_fake
-def _(x, idx, inv, levels, pool, cos, sin):
-    return x.new_empty(x.shape[0], x.shape[1], idx.shape[2], x.shape[3])
-
-
-def _like_layout(shape, seq_major, dtype, device):
-    """An empty (B, h, n, D) tensor laid out as (B, n, h, D) in memory if seq_major."""
-    B, h, n, D = shape
-    if seq_major:
-        return torch.empty(B, n, h, D, dtype=dtype, device=device).transpose(1, 2)
-    return torch.empty(B, h, n, D, dtype=dtype, device=device)
-
-
-@torch.library.custom_op("lighthouse::gather_backward", mutates_args=())
-def _gather_backward(grad: Tensor, inv: Tensor, x_shape: list[int], seq_major: bool, levels: int, pool: int,
-                     cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+def _launch_gather_backward(grad, inv, x_shape, seq_major, levels, pool, cos, sin):
+    """The gather's adjoint, through the pooling and the rotation: grad (B, Hx, M, D) -> dx of
+    shape x_shape, laid out as (B, N, Hx, D) in memory if seq_major (the model makes x that way,
+    so its gradient comes back without a copy)."""
     grad = _last_dim_contiguous(grad)
     B, HX, N, D = x_shape
-    # dx in x's layout: a model that made x as a transposed (B, N, h, D) tensor gets its gradient
-    # back without a copy
     dx = _like_layout(x_shape, seq_major, grad.dtype, grad.device)
     with _on_device(grad):
         _gather_backward_kernel[_grid(N, ROWS, B * HX)](
@@ -976,29 +980,7 @@ def _gather_backward(grad: Tensor, inv: Tensor, x_shape: list[int], seq_major: b
     return dx
 
 
-@_gather_backward.register_fake
-def _(grad, inv, x_shape, seq_major, levels, pool, cos, sin):
-    return _like_layout(x_shape, seq_major, grad.dtype, grad.device)
-
-
-def _gather_setup(ctx, inputs, output):
-    x, idx, inv, levels, pool, cos, sin = inputs
-    ctx.save_for_backward(inv, cos, sin)
-    ctx.x_shape, ctx.seq_major = list(x.shape), x.stride(2) > x.stride(1)
-    ctx.levels, ctx.pool = levels, pool
-
-
-def _gather_grad(ctx, grad):
-    inv, cos, sin = ctx.saved_tensors
-    dx = _gather_backward(grad, inv, ctx.x_shape, ctx.seq_major, ctx.levels, ctx.pool, cos, sin)
-    return dx, None, None, None, None, None, None
-
-
-triton_gather.register_autograd(_gather_grad, setup_context=_gather_setup)
-
-
-@torch.library.custom_op("lighthouse::scatter", mutates_args=())
-def triton_scatter(attn: Tensor, idx: Tensor, inv: Tensor, seq_len: int, levels: int, pool: int) -> Tensor:
+def _launch_scatter(attn, inv, seq_len, levels, pool):
     """Twin of ref_scatter: attn (B, H, M, D) -> out (B, H, N, D) with the causal shift. out is laid
     out as (B, N, H, D) in memory, so the model's transpose back to (B, N, H*D) is free."""
     attn = _last_dim_contiguous(attn)
@@ -1011,15 +993,10 @@ def triton_scatter(attn: Tensor, idx: Tensor, inv: Tensor, seq_len: int, levels:
     return out
 
 
-@triton_scatter.register_fake
-def _(attn, idx, inv, seq_len, levels, pool):
-    B, H, M, D = attn.shape
-    return _like_layout((B, H, seq_len, D), True, attn.dtype, attn.device)
-
-
-@torch.library.custom_op("lighthouse::scatter_backward", mutates_args=())
-def _scatter_backward(grad: Tensor, idx: Tensor, levels: int, pool: int) -> Tensor:
-    grad = _last_dim_contiguous(grad)  # read through its strides: the model's gradient is transposed
+def _launch_scatter_backward(grad, idx, levels, pool):
+    """The scatter's adjoint: grad (B, H, N, D), read through its strides (the model's gradient is
+    transposed) -> d attn (B, H, M, D)."""
+    grad = _last_dim_contiguous(grad)
     B, H, N, D = grad.shape
     M = idx.shape[2]
     dattn = torch.empty(B, H, M, D, dtype=grad.dtype, device=grad.device)
@@ -1030,24 +1007,90 @@ def _scatter_backward(grad: Tensor, idx: Tensor, levels: int, pool: int) -> Tens
     return dattn
 
 
-@_scatter_backward.register_fake
-def _(grad, idx, levels, pool):
-    B, H, N, D = grad.shape
-    return grad.new_empty(B, H, idx.shape[2], D)
+# -----------------------------------------------------------------------------
+# The wrappers as torch ops, and their gradients
+#
+# torch.compile cannot trace a kernel launch from a Python wrapper: it would break its graph at
+# every one. Registered as an op (lighthouse::gather, ...) with a "fake" version that only makes
+# the output's shape, each launch becomes one node of the graph. The gradients come from
+# torch.autograd.Function, which eager mode and torch.compile both understand. (This low-level
+# registration costs less host time per call than @torch.library.custom_op.)
+
+_lib = torch.library.Library("lighthouse", "DEF")
 
 
-def _scatter_setup(ctx, inputs, output):
-    attn, idx, inv, seq_len, levels, pool = inputs
-    ctx.save_for_backward(idx)
-    ctx.levels, ctx.pool = levels, pool
+def _register(name, schema, launch, fake):
+    """The op lighthouse::name: `launch` runs it on any device, `fake` makes its outputs' shapes."""
+    _lib.define(name + schema)
+    _lib.impl(name, launch, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"lighthouse::{name}", fake, lib=_lib)
+    return getattr(torch.ops.lighthouse, name).default
 
 
-def _scatter_grad(ctx, grad):
-    (idx,) = ctx.saved_tensors
-    return _scatter_backward(grad, idx, ctx.levels, ctx.pool), None, None, None, None, None
+triton_norm_scores = _register(
+    "norm_scores", "(Tensor q, Tensor k, int levels, int pool) -> (Tensor, Tensor)", _launch_norm_scores,
+    lambda q, k, levels, pool: (_score_pyramid_like(q, k, levels, pool), _score_pyramid_like(q, k, levels, pool)))
+triton_select = _register(
+    "select", "(Tensor q_score_pyr, Tensor k_score_pyr, int seq_len, int levels, int pool, int topk) -> (Tensor, Tensor)",
+    _launch_select,
+    lambda q_pyr, k_pyr, seq_len, levels, pool, topk: (
+        q_pyr.new_empty(*q_pyr.shape[:2], gathered_length(seq_len, levels, pool, topk), dtype=torch.int64),
+        q_pyr.new_empty(q_pyr.shape, dtype=torch.int64)))
+_gather_op = _register(
+    "gather", "(Tensor x, Tensor idx, int levels, int pool, Tensor? cos, Tensor? sin) -> Tensor", _launch_gather,
+    lambda x, idx, levels, pool, cos, sin: x.new_empty(*x.shape[:2], idx.shape[2], x.shape[3]))
+_gather_backward_op = _register(
+    "gather_backward", "(Tensor grad, Tensor inv, int[] x_shape, bool seq_major, int levels, int pool, Tensor? cos, "
+    "Tensor? sin) -> Tensor", _launch_gather_backward,
+    lambda grad, inv, x_shape, seq_major, *_: _like_layout(x_shape, seq_major, grad.dtype, grad.device))
+_scatter_op = _register(
+    "scatter", "(Tensor attn, Tensor inv, int seq_len, int levels, int pool) -> Tensor", _launch_scatter,
+    lambda attn, inv, seq_len, levels, pool: _like_layout(
+        (attn.shape[0], attn.shape[1], seq_len, attn.shape[3]), True, attn.dtype, attn.device))
+_scatter_backward_op = _register(
+    "scatter_backward", "(Tensor grad, Tensor idx, int levels, int pool) -> Tensor", _launch_scatter_backward,
+    lambda grad, idx, levels, pool: grad.new_empty(*grad.shape[:2], idx.shape[2], grad.shape[3]))
 
 
-triton_scatter.register_autograd(_scatter_grad, setup_context=_scatter_setup)
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, inv, levels, pool, cos, sin):
+        ctx.save_for_backward(inv, cos, sin)
+        ctx.x_shape, ctx.seq_major = list(x.shape), x.stride(2) > x.stride(1)
+        ctx.levels, ctx.pool = levels, pool
+        return _gather_op(x, idx, levels, pool, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, cos, sin = ctx.saved_tensors
+        dx = _gather_backward_op(grad, inv, ctx.x_shape, ctx.seq_major, ctx.levels, ctx.pool, cos, sin)
+        return dx, None, None, None, None, None, None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, attn, idx, inv, seq_len, levels, pool):
+        ctx.save_for_backward(idx)
+        ctx.levels, ctx.pool = levels, pool
+        return _scatter_op(attn, inv, seq_len, levels, pool)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return _scatter_backward_op(grad, idx, ctx.levels, ctx.pool), None, None, None, None, None
+
+
+def triton_gather(x, idx, inv, levels, pool, cos=None, sin=None):
+    """Twin of ref_pyramid + ref_gather (+ ref_rope_at_span_end when cos, sin are given):
+    x (B, Hx, N, D) -> the selected pyramid rows of every head (B, Hx, M, D). Differentiable in x;
+    the backward differentiates through the pooling and the rotation too."""
+    return _Gather.apply(x, idx, inv, levels, pool, cos, sin)
+
+
+def triton_scatter(attn, idx, inv, seq_len, levels, pool):
+    """Twin of ref_scatter: attn (B, H, M, D) -> out (B, H, N, D), differentiable in attn."""
+    return _Scatter.apply(attn, idx, inv, seq_len, levels, pool)
+
 
 
 def triton_score_pyramids(q, k, v, levels, pool, scorer="norm", dilation=4):

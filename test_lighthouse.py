@@ -354,22 +354,29 @@ def test_default_impl_follows_device():
         lk.lighthouse_attention(q, k, v, L, p, K, impl="cuda")
 
 
-def test_custom_ops_pass_opcheck():
-    """The kernels are torch custom ops (so torch.compile keeps them whole): their schemas, fake
-    (shape-only) versions and autograd registrations must agree with what they do."""
+def test_registered_ops_pass_opcheck():
+    """The kernels' wrappers are torch ops (so torch.compile keeps each launch whole): their schemas
+    and fake (shape-only) versions must agree with what they do, backward passes included. Their
+    gradients come from autograd.Functions, checked against the reference in the layer tests."""
     case = (1, 2, 1, 512, 16, 2, 4, 128)
     B, H, G, N, D, L, p, K = case
-    q, k, _ = random_qkv(case, requires_grad=True)
+    q, k, _ = random_qkv(case)
     scores = [lk.ref_score_pyramid(s, L, p) for s in lk.ref_norm_scores(q, k)]
     idx, inv = lk.triton_select(*scores, N, L, p, K)
     cos, sin = tables(N, D)
-    attn = torch.randn(B, H, idx.shape[2], D, device=DEVICE, requires_grad=True)
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(lk.triton_norm_scores, (q.detach(), k.detach(), L, p), test_utils=tests)
-    torch.library.opcheck(lk.triton_select, (*scores, N, L, p, K), test_utils=tests)
-    torch.library.opcheck(lk.triton_gather, (q, idx, inv, L, p, cos, sin), test_utils=tests)
-    torch.library.opcheck(lk.triton_gather, (k, idx, inv, L, p, None, None), test_utils=tests)
-    torch.library.opcheck(lk.triton_scatter, (attn, idx, inv, N, L, p), test_utils=tests)
+    M = idx.shape[2]
+    attn, d_sel = torch.randn(B, H, M, D, device=DEVICE), torch.randn(B, H, M, D, device=DEVICE)
+    d_out = torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2)  # as the model's gradient arrives
+    tests = ("test_schema", "test_faketensor")
+    for op, args in [
+            (lk.triton_norm_scores, (q, k, L, p)),
+            (lk.triton_select, (*scores, N, L, p, K)),
+            (lk._gather_op, (q, idx, L, p, cos, sin)),
+            (lk._gather_op, (k, idx, L, p, None, None)),
+            (lk._gather_backward_op, (d_sel, inv, list(q.shape), True, L, p, cos, sin)),
+            (lk._scatter_op, (attn, inv, N, L, p)),
+            (lk._scatter_backward_op, (d_out, idx, L, p))]:
+        torch.library.opcheck(op, args, test_utils=tests)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
@@ -528,7 +535,7 @@ def test_selection_leak_stays_inside_its_tile(scorer):
     so an output can change when a later token in its tile changes. It never crosses a tile."""
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
-    tile_tokens = (N // p ** (L - 1)) // (K // 128) * p ** (L - 1)  # tokens in the first tile: 516
+    tile_tokens = lk.tiles(N, L, p, K)[1] * p ** (L - 1)  # tokens in the first tile: 516
     q, k, v = random_qkv(case, seed=1)
     out = lk.lighthouse_attention(q, k, v, L, p, K, impl="torch", scorer=scorer)
 
