@@ -11,8 +11,9 @@ Layer mode: B=1, H=8, D=128, bf16, L=3, p=4, topk=2048 (1536 at N=98304, 1024 at
 them ((B, N, H, D) in memory). Forward and forward+backward are timed with CUDA events
 (median), peak memory is that of forward+backward above the inputs. Speedups and memory ratios
 are against cuDNN dense SDPA measured in the same process. The variants: the scorer
-(norm | dilated, dilation 4) and where RoPE is applied (before_pool | span_end); a "dilated
-scorer" row times the dilated scorer's two strided attention passes alone.
+(norm | dilated, dilation 4), where RoPE is applied (before_pool | +span_end) and the selection
+(the paper's | +causal); a "dilated scorer" row times the dilated scorer's two strided attention
+passes alone.
 
 Breakdown mode: each stage of the layer on its own, plus two before/after measurements of
 copies the layer avoids: the scatter backward reading a transposed gradient through its strides
@@ -44,7 +45,7 @@ from model import GPT, GPTConfig, read_config_file, rope_tables
 
 LENGTHS = [16384, 32768, 65536, 98304, 131072, 262144, 524288]
 B, H, D, LEVELS, POOL = 1, 8, 128, 3, 4
-VARIANTS = ["norm", "norm+span_end", "dilated", "dilated+span_end"]
+VARIANTS = ["norm", "norm+span_end", "dilated", "dilated+span_end", "norm+causal"]
 H100_PEAK_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (an H200 has the same), for MFU
 
 
@@ -107,10 +108,11 @@ def layer_variants(N, topk, variants):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return attend
 
-    def ours(variant):
-        scorer, _, rope = variant.partition("+")
-        return lambda q, k, v: lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton", scorer=scorer,
-                                                       rope=(cos, sin) if rope else None)
+    def ours(variant):  # e.g. "dilated+span_end": the scorer, then options (span_end, causal)
+        scorer, *options = variant.split("+")
+        return lambda q, k, v: lk.lighthouse_attention(
+            q, k, v, LEVELS, POOL, topk, impl="triton", scorer=scorer, rope=(cos, sin) if "span_end" in options else None,
+            selection="causal" if "causal" in options else "paper")
 
     attends = {"dense cuDNN": dense(SDPBackend.CUDNN_ATTENTION)}
     if N <= 131072:  # flash is ~1.7x slower than cuDNN; past 128K it only costs time to show it again

@@ -16,12 +16,15 @@ scatters each entry's output back to the tokens that are allowed to see it.
       v  6. scatter: entry covering [a, a+c) feeds tokens [a+c-1, a+2c-1)
     out (B, H, N, D)
 
-Two variants (see lighthouse_attention's arguments):
+Three variants (see lighthouse_attention's arguments):
   * scorer: "norm" (the token scores are ||q_t|| and ||k_t||) or "dilated" (the norms of two
     causal attention outputs computed inside each of `dilation` interleaved phases of positions:
     queries over keys, and keys over queries).
   * rope: None (q, k arrive rotated, so pooled entries mix rotations of different positions) or
     (cos, sin) tables (q, k arrive raw; each selected entry is rotated at its span's last token).
+  * selection: "paper" (step 3 as above; it lets an output depend on later tokens of its tile,
+    see ref_select) or "causal" (ours, ref_select_causal: each level keeps the entries whose
+    scores pass thresholds taken from the tile before, so nothing depends on a later token).
 
 Everything is indexed in one concatenated pyramid layout per head:
     [ level 0 (N entries) | level 1 (N/p entries) | ... | level L-1 (N/p^(L-1) entries) ]
@@ -58,6 +61,7 @@ import triton.language as tl
 TILE_KEEP = 128  # entries each tile keeps (refines) at every level
 HALF_KEEP = 64  # ... of which 64 by q-score, then 64 by k-score
 SCORERS = ("norm", "dilated")
+SELECTIONS = ("paper", "causal")  # ref_select, ref_select_causal
 MAX_GRID_HEADS = 65535  # CUDA's limit on grid axis 1, where the kernels put batch * heads
 
 
@@ -245,21 +249,83 @@ def ref_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
     return indices.gather(2, order)
 
 
+@torch.no_grad()
+def ref_select_causal(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
+    """Steps 3 and 4 without reading ahead (ours, not the paper's): whether an entry is selected
+    depends only on the scores of tokens up to the entry's own last token.
+
+    Every coarsest entry is selected. At each finer level, tile t (the tiles of ref_select) may
+    select up to 128*p entries, as many as ref_select emits there. An entry passes if its q-score
+    reaches the (64p)-th largest q-score of its level in tile t-1, or its k-score the (64p)-th
+    largest k-score among the entries of tile t-1 that did not pass by q: the thresholds that pick
+    exactly 128p entries of tile t-1 (without ties). Passing entries are taken in order until
+    tile t's 128p are used; tile 0, with no tile before it, takes its first 128p entries. Levels
+    are chosen independently: an entry does not need its parent. Every entry sits at the end of
+    its span in the causal order (key b*L - L + lvl), as a node does in ref_select: a leaf at its
+    start would let finer entries inside its span see it, and its span holds their future.
+
+    Returns pyramid indices (B, G, M) int64 in causal order, M as for ref_select; the slots left
+    unused (fewer entries pass than the budget allows) hold -1, at the end.
+    """
+    B, G, _ = q_score_pyr.shape
+    offsets, _ = level_offsets(seq_len, levels, pool)
+    n_tiles, tile = tiles(seq_len, levels, pool, topk)
+    budget, half = TILE_KEEP * pool, HALF_KEEP * pool
+    device = q_score_pyr.device
+    unused = torch.iinfo(torch.int64).max  # the key of an entry that is not selected: sorts last
+
+    keys = []
+    for level in range(levels):
+        n = seq_len // pool**level
+        j = torch.arange(n, device=device)
+        key = ((j + 1) * pool**level * levels - levels + level).expand(B, G, n)  # causal_key of a node
+        if level < levels - 1:
+            width = tile * pool ** (levels - 1 - level)  # the level's entries in a tile (the last: more)
+            q = q_score_pyr[:, :, offsets[level]:offsets[level] + n]  # (B, G, n)
+            k = k_score_pyr[:, :, offsets[level]:offsets[level] + n]
+            # thresholds from tiles 0 .. T-2: (B, G, n) -> (B, G, T-1, width) -> (B, G, T-1)
+            q_prev = q[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
+            k_prev = k[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
+            q_cut = q_prev.topk(half, dim=3).values[..., -1]
+            k_rest = k_prev.masked_fill(q_prev >= q_cut[..., None], float("-inf"))
+            k_cut = k_rest.topk(half, dim=3).values[..., -1]
+            # tile t's thresholds are tile t-1's; tile 0 has none (-inf: every entry passes)
+            first = torch.full((B, G, 1), float("-inf"), device=device)
+            q_cut, k_cut = torch.cat([first, q_cut], dim=2), torch.cat([first, k_cut], dim=2)  # (B, G, T)
+            in_tile = (j // width).clamp(max=n_tiles - 1)  # (n,) the tile of each entry
+            passes = (q >= q_cut[:, :, in_tile]) | (k >= k_cut[:, :, in_tile])  # (B, G, n)
+            # in order, up to the budget: count the passing entries from the start of their tile
+            count = passes.long().cumsum(dim=2)  # (B, G, n)
+            before_tile = F.pad(count[:, :, width - 1:(n_tiles - 1) * width:width], (1, 0))  # (B, G, T)
+            taken = passes & (count - before_tile[:, :, in_tile] <= budget)
+            key = torch.where(taken, key, unused)
+        keys.append(key)
+    keys = torch.cat(keys, dim=2)  # (B, G, P), in pyramid-index order
+    M = gathered_length(seq_len, levels, pool, topk)
+    keys, order = keys.sort(dim=2)  # the selected entries first, in causal order (keys are unique)
+    return torch.where(keys[:, :, :M] == unused, -1, order[:, :, :M])
+
+
 def inverse_map(indices, pyramid_len):
-    """(B, G, M) selected pyramid indices -> (B, G, pyramid_len) position in the gathered sequence,
-    or -1 where the entry is not selected. Lets the scatter and backward passes be gathers."""
+    """(B, G, M) selected pyramid indices (-1: an unused slot) -> (B, G, pyramid_len) position in
+    the gathered sequence, or -1 where the entry is not selected. Lets the scatter and backward
+    passes be gathers."""
     B, G, M = indices.shape
     positions = torch.arange(M, device=indices.device).expand(B, G, M)
-    inv = torch.full((B, G, pyramid_len), -1, dtype=torch.int64, device=indices.device)
-    return inv.scatter_(2, indices, positions)
+    inv = torch.full((B, G, pyramid_len + 1), -1, dtype=torch.int64, device=indices.device)
+    # unused slots write to an extra last column, which is then dropped
+    inv.scatter_(2, torch.where(indices >= 0, indices, pyramid_len), positions)
+    return inv[:, :, :pyramid_len].contiguous()
 
 
 def ref_gather(pyramid, indices):
     """Step 5a. pyramid (B, Hx, P, D), indices (B, G, M) -> (B, Hx, M, D): each head takes the
-    entries its kv group selected (head h belongs to group h // (Hx / G))."""
+    entries its kv group selected (head h belongs to group h // (Hx / G)); unused slots (-1) get
+    zero rows."""
     B, Hx, _, D = pyramid.shape
     per_group = indices.repeat_interleave(Hx // indices.shape[1], dim=1)  # (B, Hx, M)
-    return pyramid.gather(2, per_group[..., None].expand(-1, -1, -1, D))
+    rows = pyramid.gather(2, per_group.clamp(min=0)[..., None].expand(-1, -1, -1, D))  # (B, Hx, M, D)
+    return rows * (per_group >= 0)[..., None]
 
 
 
@@ -287,7 +353,7 @@ def ref_rope_at_span_end(x_sel, indices, cos, sin, seq_len, levels, pool):
     """Step 5b, RoPE at the span end. Rotate each gathered entry x_sel (B, Hx, M, D) of pyramid
     index indices (B, G, M) at the last token of its span: a level-0 entry at its own position,
     a node where the causal order places it. cos, sin: (>= N, D/2) tables."""
-    pos = last_token(indices, seq_len, levels, pool)  # (B, G, M)
+    pos = last_token(indices, seq_len, levels, pool).clamp(min=0)  # (B, G, M); unused slots: zero rows
     pos = pos.repeat_interleave(x_sel.shape[1] // indices.shape[1], dim=1)  # (B, Hx, M)
     return rope_rotate(x_sel, cos[pos], sin[pos])  # tables (B, Hx, M, D/2)
 
@@ -313,9 +379,9 @@ def ref_scatter(attn, inv, seq_len, levels, pool):
     return out
 
 
-def lighthouse_reference(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None):
+def lighthouse_reference(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None, selection="paper"):
     """The whole layer in plain PyTorch: q (B, H, N, D), k, v (B, H_kv, N, D) -> (B, H, N, D)."""
-    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope)
+    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope, selection)
     B, H, N, D = q.shape
     G = k.shape[1]
     q_pyr, k_pyr, v_pyr = (ref_pyramid(x, levels, pool) for x in (q, k, v))  # (B, *, P, D)
@@ -323,7 +389,8 @@ def lighthouse_reference(q, k, v, levels, pool, topk, scorer="norm", dilation=4,
         q_tok, k_tok = ref_token_scores(q, k, v, scorer, dilation)  # (B, G, N) each
         q_score = ref_score_pyramid(q_tok, levels, pool)  # (B, G, P)
         k_score = ref_score_pyramid(k_tok, levels, pool)
-        indices = ref_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M)
+        select = ref_select_causal if selection == "causal" else ref_select
+        indices = select(q_score, k_score, N, levels, pool, topk)  # (B, G, M)
         inv = inverse_map(indices, q_score.shape[2])  # (B, G, P)
     q_sel, k_sel, v_sel = (ref_gather(x, indices) for x in (q_pyr, k_pyr, v_pyr))  # (B, H or G, M, D)
     if rope is not None:
@@ -338,7 +405,8 @@ def lighthouse_reference(q, k, v, levels, pool, topk, scorer="norm", dilation=4,
 # The domain: what the layer accepts, checked before any work
 
 
-def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=None, scorer="norm", dilation=4):
+def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=None, scorer="norm", dilation=4,
+                            selection="paper"):
     """Raise ValueError (saying what to change) unless the layer is defined for these settings.
 
     Rules: levels >= 2; pool a power of two >= 2; topk a positive multiple of 128; seq_len a
@@ -381,6 +449,8 @@ def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=
                              f"nearest valid n_kv_head: {nearest}")
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(map(repr, SCORERS))} (got {scorer!r})")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(map(repr, SELECTIONS))} (got {selection!r})")
     if scorer == "dilated":
         if not isinstance(dilation, int) or dilation < 1:
             raise ValueError(f"dilation must be an integer >= 1 (got {dilation!r}); the authors use 4")
@@ -392,7 +462,7 @@ def check_lighthouse_config(seq_len, levels, pool, topk, n_head=None, n_kv_head=
 
 
 
-def _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope):
+def _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope, selection):
     """The layer's inputs, checked before any work: shapes, devices, dtypes, the domain."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected q (B, H, N, D) and k, v (B, H_kv, N, D); got q {tuple(q.shape)}, "
@@ -421,7 +491,8 @@ def _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope):
             raise ValueError(f"q, k, v must share a dtype: q is {q.dtype}, {name} is {tensors[name].dtype}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q, k, v must be float32, float16 or bfloat16 (got {q.dtype})")
-    check_lighthouse_config(N, levels, pool, topk, n_head=H, n_kv_head=k.shape[1], scorer=scorer, dilation=dilation)
+    check_lighthouse_config(N, levels, pool, topk, n_head=H, n_kv_head=k.shape[1], scorer=scorer, dilation=dilation,
+                            selection=selection)
 
 
 # -----------------------------------------------------------------------------
@@ -715,12 +786,12 @@ def _gather_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, idx_ptr, cos_ptr, sin_ptr
     g = h // (HX // G)
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < M, d < D
-    e = tl.load(idx_ptr + (b * G + g) * M + m, mask=m_ok, other=0)  # (BLOCK_M,) pyramid indices
-    fine = e < N
+    e = tl.load(idx_ptr + (b * G + g) * M + m, mask=m_ok, other=-1)  # (BLOCK_M,) pyramid indices
+    used, fine = e >= 0, e < N  # an unused slot (-1, ref_select_causal) gets a zero row
     rows = tl.load(x_ptr + b * sx_b + h * sx_h + e[:, None] * sx_n + d[None, :],
-                   mask=(m_ok & fine)[:, None] & d_ok[None, :], other=0.0)
+                   mask=(used & fine)[:, None] & d_ok[None, :], other=0.0)
     coarse = tl.load(upper_ptr + (bh * P_UP + e - N)[:, None] * D + d[None, :],
-                     mask=(m_ok & ~fine)[:, None] & d_ok[None, :], other=0.0)
+                     mask=(used & ~fine)[:, None] & d_ok[None, :], other=0.0)
     rows = tl.where(fine[:, None], rows, coarse)
     if ROPE:
         _, pos = _last_token(e, N, LEVELS, POOL)
@@ -794,12 +865,12 @@ def _scatter_backward_kernel(grad_ptr, sg_b, sg_h, sg_n, idx_ptr, dattn_ptr, N, 
     g = h // (H // G)
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < M, d < D
-    e = tl.load(idx_ptr + (b * G + g) * M + m, mask=m_ok, other=0)
+    e = tl.load(idx_ptr + (b * G + g) * M + m, mask=m_ok, other=-1)  # -1: an unused slot, fed nothing
     span, first = _last_token(e, N, LEVELS, POOL)  # the window starts at the entry's own last token
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in range(POOL ** (LEVELS - 1)):  # the widest window; narrower entries mask the rest
         t = first + i
-        ok = m_ok & (i < span) & (t < N)
+        ok = (e >= 0) & (i < span) & (t < N)
         acc += tl.load(grad_ptr + b * sg_b + h * sg_h + t[:, None] * sg_n + d[None, :],
                        mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     tl.store(dattn_ptr + (bh * M + m)[:, None] * D + d[None, :], acc.to(dattn_ptr.dtype.element_ty),
@@ -1102,16 +1173,20 @@ def triton_score_pyramids(q, k, v, levels, pool, scorer="norm", dilation=4):
     return triton_norm_scores(q, k, levels, pool)
 
 
-def lighthouse_triton(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None):
+def lighthouse_triton(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None, selection="paper"):
     """The whole layer with Triton kernels around torch SDPA. Same contract as lighthouse_reference."""
-    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope)
+    _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope, selection)
     B, H, N, D = q.shape
     G = k.shape[1]
     if B * H > MAX_GRID_HEADS:
         raise ValueError(f"batch * n_head = {B * H} is more than the {MAX_GRID_HEADS} programs a GPU grid allows "
                          f"on its second axis; use at most {MAX_GRID_HEADS // H} sequences per call")
     q_score, k_score = triton_score_pyramids(q, k, v, levels, pool, scorer, dilation)  # (B, G, P) each
-    idx, inv = triton_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M), (B, G, P)
+    if selection == "causal":  # no kernel of its own: whole-tensor torch operations (topk, cumsum, sort)
+        idx = ref_select_causal(q_score, k_score, N, levels, pool, topk)  # (B, G, M)
+        inv = inverse_map(idx, q_score.shape[2])  # (B, G, P)
+    else:
+        idx, inv = triton_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M), (B, G, P)
     cos, sin = rope if rope is not None else (None, None)
     q_sel = triton_gather(q, idx, inv, levels, pool, cos, sin)  # (B, H, M, D)
     k_sel = triton_gather(k, idx, inv, levels, pool, cos, sin)  # (B, G, M, D)
@@ -1133,7 +1208,8 @@ def _pick_impl(impl, tensor):
     return impl
 
 
-def lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm", dilation=4, rope=None):
+def lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm", dilation=4, rope=None,
+                         selection="paper"):
     """Lighthouse attention. q (B, H, N, D), k, v (B, H_kv, N, D) -> (B, H, N, D).
 
     impl: "torch" (the reference), "triton", or None for Triton on CUDA and the reference on CPU.
@@ -1141,18 +1217,20 @@ def lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm", 
     rope: None if q and k arrive rotated by RoPE (the paper), or the tables (cos, sin), each
     (>= N, D/2) in the pair convention of rope_rotate, if q and k arrive raw: then each selected
     entry is rotated at the last token of its span.
+    selection: "paper" (ref_select: reads ahead up to the end of a tile) or "causal"
+    (ref_select_causal: each entry's selection depends only on tokens up to its end).
     """
     if _pick_impl(impl, q) == "triton":
-        return lighthouse_triton(q, k, v, levels, pool, topk, scorer, dilation, rope)
-    return lighthouse_reference(q, k, v, levels, pool, topk, scorer, dilation, rope)
+        return lighthouse_triton(q, k, v, levels, pool, topk, scorer, dilation, rope, selection)
+    return lighthouse_reference(q, k, v, levels, pool, topk, scorer, dilation, rope, selection)
 
 
-def lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None):
+def lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None, selection="paper"):
     """The selection on its own: per-token scores (B, H_kv, N) (any finite or infinite floats)
     -> the selected entries in causal order as int64 indices (B, H_kv, M) into the concatenated
-    pyramid layout."""
+    pyramid layout (with selection="causal", unused slots at the end hold -1)."""
     N = q_scores.shape[-1]
-    check_lighthouse_config(N, levels, pool, topk)
+    check_lighthouse_config(N, levels, pool, topk, selection=selection)
     if q_scores.shape != k_scores.shape or q_scores.dim() != 3:
         raise ValueError(f"q_scores and k_scores must both be (B, H_kv, N); got {tuple(q_scores.shape)} "
                          f"and {tuple(k_scores.shape)}")
@@ -1160,6 +1238,8 @@ def lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None):
         raise ValueError("scores contain NaN, which has no place in an order: fix the scores first")
     q_pyr = ref_score_pyramid(q_scores.float(), levels, pool)  # (B, G, P): max-pools, exact
     k_pyr = ref_score_pyramid(k_scores.float(), levels, pool)
+    if selection == "causal":  # one implementation for both paths
+        return ref_select_causal(q_pyr, k_pyr, N, levels, pool, topk)
     if _pick_impl(impl, q_scores) == "triton":
         return triton_select(q_pyr, k_pyr, N, levels, pool, topk)[0]
     return ref_select(q_pyr, k_pyr, N, levels, pool, topk)

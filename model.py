@@ -46,6 +46,7 @@ class GPTConfig:
     lh_scorer: str = "norm"  # 'norm' (max token norms) or 'dilated' (norms of strided attention outputs)
     lh_dilation: int = 4  # the dilated scorer's stride; block_size must be a multiple of it
     lh_rope: str = "before_pool"  # 'before_pool' (the paper) or 'span_end' (rotate each selected entry)
+    lh_selection: str = "paper"  # 'paper' (reads ahead within a tile) or 'causal' (cannot read ahead)
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     checkpoint_keep_attention: bool = False  # ... but keep attention's output: faster, B*T*n_embd more bf16 per layer
 
@@ -77,7 +78,8 @@ class GPTConfig:
                              "set activation_checkpointing=True too, or leave it False")
         if lighthouse:
             check_lighthouse_config(self.block_size, self.lh_levels, self.lh_pool, self.lh_topk, self.n_head,
-                                    self.n_kv_head, scorer=self.lh_scorer, dilation=self.lh_dilation)
+                                    self.n_kv_head, scorer=self.lh_scorer, dilation=self.lh_dilation,
+                                    selection=self.lh_selection)
             if self.lh_rope not in ("before_pool", "span_end"):
                 raise ValueError(f"lh_rope must be 'before_pool' or 'span_end' (got {self.lh_rope!r})")
 
@@ -183,13 +185,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (B, T, heads, hd) -> (B, heads, T, hd): views; attention reads them in this layout
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if span_end:
-            # raw q, k: the layer pools them and rotates each selected entry at its span's last token
+        if self.use_lighthouse:
+            # with span_end, raw q, k: the layer pools them and rotates each selected entry at its span's last token
             y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
-                                     dilation=c.lh_dilation, rope=(cos, sin))
-        elif self.use_lighthouse:
-            y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
-                                     dilation=c.lh_dilation)
+                                     dilation=c.lh_dilation, rope=(cos, sin) if span_end else None,
+                                     selection=c.lh_selection)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, hd) -> (B, T, H * hd)

@@ -32,8 +32,9 @@ GPU_CASES = [
     (1, 4, 4, 33360, 64, 3, 4, 1536),
 ]
 CASES = CPU_CASES + (GPU_CASES if CUDA else [])
-# (scorer, RoPE at the span end?)
-VARIANTS = [("norm", False), ("norm", True), ("dilated", False), ("dilated", True)]
+# (scorer, RoPE at the span end?, selection)
+VARIANTS = [("norm", False, "paper"), ("norm", True, "paper"), ("dilated", False, "paper"), ("dilated", True, "paper"),
+            ("norm", False, "causal"), ("dilated", True, "causal")]
 FP32_TOL = 1e-5  # relative error between paths that differ only in summation order
 BF16_TOL = 1e-2  # relative error of the bf16 Triton path against the fp32 reference
 
@@ -44,8 +45,8 @@ def case_id(case):
 
 
 def variant_id(variant):
-    scorer, span_end = variant
-    return scorer + ("-span_end" if span_end else "")
+    scorer, span_end, selection = variant
+    return scorer + ("-span_end" if span_end else "") + ("-causal" if selection == "causal" else "")
 
 
 def random_qkv(case, dtype=torch.float32, seed=None, requires_grad=False):
@@ -275,15 +276,15 @@ def test_span_end_with_norm_scores_selects_what_before_pool_selects():
 # The whole layer
 
 
-def check_layer(case, dtype, tol, scorer="norm", span_end=False):
+def check_layer(case, dtype, tol, scorer="norm", span_end=False, selection="paper"):
     q, k, v = random_qkv(case, dtype=dtype, requires_grad=True)
     B, H, G, N, D, L, p, K = case
     rope = tables(N, D) if span_end else None
-    out = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton", scorer=scorer, rope=rope)
+    out = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton", scorer=scorer, rope=rope, selection=selection)
     assert out.shape == q.shape and out.dtype == dtype
     # the reference runs in fp32 on the same (possibly bf16-rounded) inputs
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = lk.lighthouse_attention(q32, k32, v32, L, p, K, impl="torch", scorer=scorer, rope=rope)
+    ref = lk.lighthouse_attention(q32, k32, v32, L, p, K, impl="torch", scorer=scorer, rope=rope, selection=selection)
     assert rel_err(out, ref) < tol
     w = torch.randn_like(ref)
     grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
@@ -382,16 +383,16 @@ def test_registered_ops_pass_opcheck():
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_layer_compiles_as_one_graph(variant):
     """torch.compile traces the Triton path without a graph break (fullgraph=True raises at one):
-    the kernels are custom ops it keeps whole. The aot_eager backend runs the traced graph, forward
+    the kernels are ops it keeps whole. The aot_eager backend runs the traced graph, forward
     and backward, without generating code, and must give what eager gives."""
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
-    scorer, span_end = variant
+    scorer, span_end, selection = variant
     rope = tables(N, D) if span_end else None
     q, k, v = random_qkv(case, requires_grad=True)
 
     def layer(q, k, v):
-        return lk.lighthouse_attention(q, k, v, L, p, K, impl="triton", scorer=scorer, rope=rope)
+        return lk.lighthouse_attention(q, k, v, L, p, K, impl="triton", scorer=scorer, rope=rope, selection=selection)
 
     compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend="aot_eager")
     out, out_compiled = layer(q, k, v), compiled(q, k, v)
@@ -484,10 +485,10 @@ def causal_leak(out, inputs, t0):
 def test_gradient_causality(impl, variant):
     case = CPU_CASES[1]  # two tiles, three levels, GQA
     B, H, G, N, D, L, p, K = case
-    scorer, span_end = variant
+    scorer, span_end, selection = variant
     q, k, v = random_qkv(case, requires_grad=True)
     rope = tables(N, D) if span_end else None
-    out = lk.lighthouse_attention(q, k, v, L, p, K, impl=impl, scorer=scorer, rope=rope)
+    out = lk.lighthouse_attention(q, k, v, L, p, K, impl=impl, scorer=scorer, rope=rope, selection=selection)
     for t0 in [p ** (L - 1) - 1, 517, N - 2]:  # the first coarse span's end, across the tile border, the end
         assert causal_leak(out, (q, k, v), t0) == 0.0, f"output at <= {t0} depends on a later input"
 
@@ -552,6 +553,99 @@ def test_selection_leak_stays_inside_its_tile(scorer):
         x[:, :, tile_tokens:] = torch.randn_like(x[:, :, tile_tokens:]) * 10
     out3 = lk.lighthouse_attention(q3, k3, v3, L, p, K, impl="torch", scorer=scorer)
     assert torch.equal(out[:, :, :tile_tokens], out3[:, :, :tile_tokens])
+
+
+# -----------------------------------------------------------------------------
+# The causal selection (ours): no reading ahead
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[2] == "causal"] + [("norm", False, "paper")],
+                         ids=variant_id)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_outputs_do_not_depend_on_later_inputs(impl, variant):
+    """The gradient test above holds the selection fixed. Here the selection is recomputed:
+    changing every input after t must leave the outputs up to t bit-identical. The causal
+    selection passes; the paper's fails (it reads ahead within a tile)."""
+    case = CPU_CASES[1]  # two tiles, three levels, GQA
+    B, H, G, N, D, L, p, K = case
+    scorer, span_end, selection = variant
+    rope = tables(N, D) if span_end else None
+    q, k, v = random_qkv(case)
+    out = lk.lighthouse_attention(q, k, v, L, p, K, impl=impl, scorer=scorer, rope=rope, selection=selection)
+    same = []
+    for t in [2, 200, 515, 516, 800]:  # tile 0, its last token, tile 1's first, tile 1
+        later = [x.clone() for x in (q, k, v)]
+        for x in later:
+            x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 3  # new, larger norms after t
+        out2 = lk.lighthouse_attention(*later, L, p, K, impl=impl, scorer=scorer, rope=rope, selection=selection)
+        same.append(torch.equal(out[:, :, :t + 1], out2[:, :, :t + 1]))
+    assert all(same) if selection == "causal" else not all(same)
+
+
+def causal_counts(idx, case):
+    """Entries the causal selection took per (batch, kv head, tile, finer level): (B, G, T, L-1)."""
+    B, H, G, N, D, L, p, K = case
+    n_tiles, tile = lk.tiles(N, L, p, K)
+    level, start, _ = spans(idx.clamp(min=0), N, L, p)
+    in_tile = (start // (tile * p ** (L - 1))).clamp(max=n_tiles - 1)
+    counts = torch.zeros(B, G, n_tiles, L - 1, dtype=torch.int64, device=idx.device)
+    for lvl in range(L - 1):
+        taken = (idx >= 0) & (level == lvl)
+        counts[:, :, :, lvl] = torch.stack([(taken & (in_tile == t)).sum(-1) for t in range(n_tiles)], dim=-1)
+    return counts
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_causal_selection_properties(case):
+    B, H, G, N, D, L, p, K = case
+    q, k, _ = random_qkv(case)
+    idx = lk.lighthouse_select(*lk.ref_norm_scores(q, k), L, p, K, selection="causal")
+    M = lk.gathered_length(N, L, p, K)
+    assert idx.shape == (B, G, M)
+    offsets, _ = lk.level_offsets(N, L, p)
+    level, start, end = spans(idx.clamp(min=0), N, L, p)
+    for b in range(B):
+        for g in range(G):
+            used = idx[b, g] >= 0
+            n_used = int(used.sum())
+            assert used[:n_used].all()  # the unused slots come last
+            e = idx[b, g, :n_used]
+            assert e.unique().numel() == n_used  # no entry twice
+            top = e[level[b, g, :n_used] == L - 1]
+            assert torch.equal(top.sort().values, torch.arange(offsets[-1], offsets[-1] + N // p ** (L - 1),
+                                                               device=DEVICE))  # every coarsest entry
+            t = end[b, g, :n_used]
+            assert (t[1:] >= t[:-1]).all()  # causal order: span ends never decrease
+    assert (causal_counts(idx, case) <= 128 * p).all()  # at most 128p per tile and finer level
+
+
+def test_causal_selection_thresholds_come_from_the_tile_before():
+    """When every tile repeats the scores of the first, each later tile takes exactly the 128p
+    entries per finer level that its thresholds were made to pick; scores above everything in
+    the tile before fill the budget with the tile's first entries, scores below take nothing."""
+    case = (1, 2, 2, 8192, 16, 3, 4, 512)  # 4 tiles of 2048 tokens
+    B, H, G, N, D, L, p, K = case
+    n_tiles, tile = lk.tiles(N, L, p, K)
+    width = tile * p ** (L - 1)  # tokens per tile
+    gen = torch.Generator().manual_seed(0)
+    pattern = torch.rand(2, B, G, width, generator=gen)  # q- and k-scores of one tile
+    q_scores, k_scores = pattern.repeat(1, 1, 1, n_tiles).to(DEVICE)  # (B, G, N) each
+    counts = causal_counts(lk.lighthouse_select(q_scores, k_scores, L, p, K, selection="causal"), case)
+    assert (counts[:, :, 0] == 128 * p).all()  # tile 0: the first 128p entries, no threshold
+    assert (counts[:, :, 1:] == 128 * p).all()
+
+    q_scores[..., 2 * width:3 * width] += 10  # tile 2 above everything in tile 1
+    q_scores[..., 3 * width:] -= 20  # tile 3 below everything in tile 2, and k-scores of tile 3 too
+    k_scores[..., 3 * width:] -= 20
+    idx = lk.lighthouse_select(q_scores, k_scores, L, p, K, selection="causal")
+    counts = causal_counts(idx, case)
+    assert (counts[:, :, 2] == 128 * p).all() and (counts[:, :, 3] == 0).all()
+    level, start, _ = spans(idx.clamp(min=0), N, L, p)
+    for g in range(G):
+        for lvl in range(L - 1):
+            in_tile_2 = (idx[0, g] >= 0) & (level[0, g] == lvl) & (start[0, g] >= 2 * width) & (start[0, g] < 3 * width)
+            first = 2 * width + torch.arange(128 * p, device=DEVICE) * p**lvl  # the tile's first 128p entries
+            assert torch.equal(start[0, g, in_tile_2].sort().values, first)
 
 
 # -----------------------------------------------------------------------------
