@@ -41,8 +41,8 @@ def quick_runs():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished tiny dense run (test_train.TINY at 2048 tokens with topk 512: the smallest shape
-    with the four selection tiles the look-ahead probe needs; the probe runs Lighthouse itself)."""
+    """A finished tiny dense run (test_train.TINY at 2048 tokens with topk 512, four selection
+    tiles; the look-ahead probe runs its Lighthouse mode itself)."""
     folder = tmp_path_factory.mktemp("scripts")
     (folder / "data").mkdir()
     data = test_train.write_dataset(folder / "data")
@@ -93,15 +93,15 @@ def test_sample_names_the_command_that_makes_the_missing_checkpoint(tmp_path, mo
 
 
 def test_probe_lookahead_finds_the_runs_data(trained, tmp_path):
-    result = subprocess.run([sys.executable, "probe_lookahead.py", "--ckpt", str(trained / "ckpt.pt"),
-                             "--windows=1", "--device=cpu", "--json", str(tmp_path / "probe.json")],
+    result = subprocess.run([sys.executable, "probe_lookahead.py", str(trained / "ckpt.pt"), "--windows=1",
+                             "--positions=2", "--device=cpu", "--json", str(tmp_path / "probe.json")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    diffs = json.loads((tmp_path / "probe.json").read_text())["diffs"]
-    assert diffs["dense"]["in_tile"] == [0] and len(diffs["lighthouse"]["in_tile"]) == 1
+    (entry,) = json.loads((tmp_path / "probe.json").read_text())
+    assert entry["dense"]["gain"]["0"] == dict(mean=0.0, se=0.0, n=2)  # dense attention is causal
+    assert entry["lighthouse"]["gain"]["0"]["n"] == 2
     with pytest.raises(SystemExit, match=f"{tmp_path}/val.bin not found: pass --data"):
-        probe_lookahead.main(["--ckpt", str(trained / "ckpt.pt"), "--windows=1", "--device=cpu",
-                              f"--data={tmp_path}"])
+        probe_lookahead.main([str(trained / "ckpt.pt"), "--windows=1", "--device=cpu", f"--data={tmp_path}"])
 
 
 def test_plot_runs(tmp_path):
