@@ -9,12 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import plot_runs
 import prepare_data
 import probe_lookahead
 import sample
 import test_train
+from model import GPT
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ["train.py", "sample.py", "bench.py", "probe_lookahead.py", "plot_runs.py", "prepare_data.py", "eval_long.py",
@@ -65,18 +67,65 @@ def test_bench_says_it_needs_a_gpu(quick_runs):
     assert code != 0 and err.strip().startswith("bench.py needs a CUDA GPU") and "Traceback" not in err
 
 
+def greedy_continuation(ckpt_path, prompt, n):
+    """The n tokens a model's argmax picks after prompt, one forward pass per token, decoded: what
+    sampling with top_k=1 must print after the prompt."""
+    model, ckpt = GPT.from_checkpoint(ckpt_path)
+    encode, decode = prepare_data.load_tokenizer(ckpt["meta"])
+    idx = torch.tensor([encode(prompt)])  # (1, prompt tokens)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(idx)  # (1, T, vocab)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return decode(idx[0].tolist())
+
+
 def test_sample_from_a_config_files_run(trained, tmp_path):
-    """Defect 1: `python sample.py config/quick_cpu.py` samples from that config's out_dir."""
+    """`python sample.py CONFIG` samples from that config's out_dir, and what it prints after the
+    prompt is the model's continuation: with --top_k=1 exactly the argmax tokens, one by one."""
     config = tmp_path / "my_config.py"
     config.write_text(f"out_dir = {str(trained)!r}\nbatch_size = 2\n")
-    result = subprocess.run([sys.executable, "sample.py", str(config), "--start=the ", "--max_new_tokens=20",
-                             "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    (tmp_path / "prompt.txt").write_text("the light ")
+    result = subprocess.run([sys.executable, "sample.py", str(config), f"--start=FILE:{tmp_path / 'prompt.txt'}",
+                             "--max_new_tokens=20", "--top_k=1", "--device=cpu"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("the ") and len(result.stdout.split("\n")[0]) > 4
+    expected = greedy_continuation(trained / "ckpt.pt", "the light ", 20)
+    assert len(expected) > len("the light ") and result.stdout == expected + "\n" + "-" * 40 + "\n"
+
+
+def test_samples_differ_by_seed_and_from_each_other(trained):
+    """Sampling (the default top_k and temperature) draws: two samples of one run differ, the seed
+    repeats them, and each is the prompt and then new text."""
+    argv = ["--out_dir", str(trained), "--start", "the ", "--max_new_tokens=30", "--num_samples=2", "--device=cpu"]
+    first, again, other = sample.main(argv), sample.main(argv), sample.main(argv + ["--seed=7"])
+    assert len(first) == 2 and first[0] != first[1] and first == again and other != first
+    assert all(text.startswith("the ") and len(text) > len("the ") for text in first + other)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--top_k=0", "--top_k must be at least 1 (got 0)"),
+    ("--top_k=-5", "--top_k must be at least 1 (got -5)"),
+    ("--temperature=nan", "--temperature must be a number above 0 (got nan)"),
+    ("--temperature=-1", "--temperature must be a number above 0 (got -1.0)"),
+    ("--temperature=0", "--temperature must be a number above 0 (got 0.0)"),
+    ("--num_samples=0", "--num_samples must be at least 1 (got 0)"),
+    ("--max_new_tokens=-1", "--max_new_tokens must be at least 1 (got -1)"),
+    ("--start=FILE:/no/such/prompt.txt", "cannot read the prompt file '/no/such/prompt.txt' (No such file"),
+    ("--device=gpu", "--device must be cpu, cuda or cuda:<n> (got 'gpu')"),
+])
+def test_sample_refuses_bad_settings_in_one_line(trained, setting, message):
+    """Each bad setting is named with what to give instead, before the checkpoint is read (a bad
+    device used to be reported as a damaged checkpoint)."""
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--out_dir", str(trained), setting])
+    text = exit_info.value.code
+    assert isinstance(text, str) and text.startswith("error: " + message) and "\n" not in text
 
 
 def test_sample_names_the_command_that_makes_the_missing_checkpoint(tmp_path, monkeypatch):
-    """Defect 1: no arguments means out/, train.py's default; a config file means its out_dir."""
+    """A missing checkpoint is named with the train.py command that writes it: no arguments means
+    out/, train.py's default; a config file means its out_dir."""
     monkeypatch.chdir(tmp_path)
     quick_cpu = os.path.join(ROOT, "config", "quick_cpu.py")
     for argv, message in [([], "out/ckpt.pt not found: train a model first (python train.py)"),
