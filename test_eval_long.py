@@ -114,10 +114,11 @@ def test_bits_per_byte_only_for_bytes(run_dir, tmp_path):
     results = run(run_dir / "ckpt.pt", gpt2, *FAST, "--data", run_dir / "val.bin", "--out", tmp_path / "r.json")
     assert results["data"] == str(run_dir / "val.bin")
     byte_level, other = results["checkpoints"]
-    nats = byte_level["position"]["loss"]
-    assert byte_level["position"]["bits_per_byte"] == pytest.approx([x / math.log(2) for x in nats], rel=1e-12)
+    # an untrained model knows nothing about random bytes: it needs about log2(257) = 8.006 bits for each,
+    # where its loss is ln(257) = 5.549 nats
+    assert all(abs(b - math.log2(257)) < 0.08 for b in byte_level["position"]["bits_per_byte"])
     assert other["position"]["bits_per_byte"] is None
-    assert other["position"]["loss"] == nats  # same model, same data, same windows
+    assert other["position"]["loss"] == byte_level["position"]["loss"]  # same model, same data, same windows
 
 
 def test_oracle_copies_at_every_distance():
