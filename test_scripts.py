@@ -3,14 +3,19 @@ Every script as a newcomer runs it, on a CPU: --help, each path that needs no GP
 message (no traceback) where one is needed. One tiny trained checkpoint serves them all.
 """
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import compare_arms as compare_arms_script
+import eval_long
 import plot_runs
 import prepare_data
 import probe_lookahead
@@ -51,6 +56,22 @@ def trained(tmp_path_factory):
     test_train.run(data, folder / "out", block_size=2048, lh_topk=512, batch_size=1, lighthouse_iters=0,
                    recovery_iters=2, eval_iters=1)
     return folder / "out"
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """Two finished tiny runs at 512 tokens, as the quick start's would be (short windows), with
+    seeds 0 and 1, each evaluated by eval_long.py into its folder: {seed: folder}."""
+    folder = tmp_path_factory.mktemp("short")
+    (folder / "data").mkdir()
+    data = test_train.write_dataset(folder / "data")
+    runs = {}
+    for seed in (0, 1):
+        runs[seed] = folder / f"run_s{seed}"
+        test_train.run(data, runs[seed], seed=seed, lighthouse_iters=2, recovery_iters=2, eval_interval=2)
+        eval_long.main([str(runs[seed] / "ckpt.pt"), "--windows=2", "--trials=2", "--passage=128", "--device=cpu",
+                        "--out", str(runs[seed] / "eval_long.json")])
+    return runs
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -175,6 +196,32 @@ def test_compare_arms_reproduces_the_results_table(tmp_path):
     missing = subprocess.run([sys.executable, "compare_arms.py", f"dense={tmp_path}"], cwd=ROOT, capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "has no metrics.jsonl" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def compare_arms(*argv):
+    """compare_arms.py's table as {arm: its row's cells}, or its SystemExit."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        compare_arms_script.main([str(a) for a in argv])
+    rows = [line.split("|")[1:-1] for line in out.getvalue().splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_compare_arms_on_short_windows(short_runs, tmp_path):
+    """The quick start's path: train, eval_long.py, compare_arms.py. At 512 tokens eval_long scores
+    the last 256 tokens, and the table says so; an eval_long.json of the older kind, which has no
+    far-context numbers at this length, shows a dash there instead of failing."""
+    table = compare_arms(f"quick={short_runs[0]}", short_runs[1])
+    assert table["arm"][:4] == ["seeds", "final val loss", "last 256 loss", "far context"]  # the header
+    far = [json.loads((short_runs[s] / "eval_long.json").read_text())["checkpoints"][0]["context"]["gain"][0]
+           for s in (0, 1)]
+    assert table["quick"][0] == "2" and table["quick"][3] == compare_arms_script.mean_std(far)
+    old = tmp_path / "old_s0"
+    shutil.copytree(short_runs[0], old)
+    results = json.loads((old / "eval_long.json").read_text())
+    results["checkpoints"][0]["context"].update(tail=1024, contexts=[], loss=[], gain=[], gain_stderr=[])
+    (old / "eval_long.json").write_text(json.dumps(results))
+    assert compare_arms(f"old={old}")["old"][3] == "–"
 
 
 def test_plot_runs_without_matplotlib(trained, monkeypatch):
