@@ -6,7 +6,9 @@ markdown table, and, if matplotlib is installed, a figure.
     python compare_arms.py dense=runs/dense_s* norm=runs/norm_s* --baseline dense --out assets/arms.png
 
 Each run folder holds metrics.jsonl and eval_long.json (python eval_long.py RUN/ckpt.pt --out
-RUN/eval_long.json). Columns:
+RUN/eval_long.json), which records the seed the run was trained with. Runs of different arms with
+the same seed started from the same weights and saw the same data: they are compared in pairs.
+Each arm needs one run per seed. Columns:
   final val loss     the dense validation loss at the end (train.py's last evaluation)
   last T loss        eval_long: the loss of each window's last T tokens (1024, or half of a shorter
                      window), given the whole window
@@ -34,8 +36,10 @@ def read_run(folder):
         records = [json.loads(line) for line in f]
     evals = [r for r in records if "val_loss" in r]
     logs = [r for r in records if "train_loss" in r]
-    run = dict(final=evals[-1]["val_loss"], train_s=logs[-1]["elapsed_s"],
-               curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0)
+    with open(os.path.join(folder, "eval_long.json")) as f:
+        entry = json.load(f)["checkpoints"][0]
+    run = dict(folder=folder, seed=entry.get("train_seed"), final=evals[-1]["val_loss"],
+               train_s=logs[-1]["elapsed_s"], curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0)
     lighthouse_tokens = max([r["tokens"] for r in logs if r["phase"] == "lighthouse"], default=0)
     tokens = dict(lighthouse=lighthouse_tokens, dense=logs[-1]["tokens"] - lighthouse_tokens)
     for phase in ("lighthouse", "dense"):
@@ -43,8 +47,6 @@ def read_run(folder):
         if windows:
             run["rate"][phase] = statistics.median(windows[1:] or windows)
             run["steady_s"] += tokens[phase] / run["rate"][phase]
-    with open(os.path.join(folder, "eval_long.json")) as f:
-        entry = json.load(f)["checkpoints"][0]
     context = entry["context"]
     # (eval_long.json files written before windows under 2048 tokens had a far-context measurement have none)
     run.update(tail=context["tail"], last_tail=context["loss_full"], far_context=(context["gain"] or [None])[0],
@@ -63,7 +65,7 @@ def loss_at(curve, seconds):
 
 
 def mean_std(values, digits=3):
-    if None in values:
+    if not values or None in values:
         return "–"
     if len(values) < 2:
         return f"{values[0]:.{digits}f}"
@@ -157,7 +159,14 @@ def main(argv=None):
             if not os.path.isfile(os.path.join(folder, "eval_long.json")):
                 sys.exit(f"error: {folder} has no eval_long.json (python eval_long.py {folder}/ckpt.pt --out "
                          f"{folder}/eval_long.json)")
-            arms[name][os.path.basename(os.path.normpath(folder)).rsplit("_", 1)[-1]] = read_run(folder)
+            run = read_run(folder)
+            if run["seed"] is None:
+                sys.exit(f"error: {folder}/eval_long.json does not record the seed the run was trained with, so "
+                         f"it cannot be paired with the other arms' runs; run eval_long.py on its ckpt.pt again")
+            if run["seed"] in arms[name]:
+                sys.exit(f"error: arm {name} has two runs with seed {run['seed']} ({arms[name][run['seed']]['folder']} "
+                         f"and {folder}); give each arm one run per seed")
+            arms[name][run["seed"]] = run
     tails = sorted({run["tail"] for runs in arms.values() for run in runs.values()})
     if len(tails) > 1:
         sys.exit(f"error: the runs' eval_long.json files score different tails ({', '.join(map(str, tails))} "

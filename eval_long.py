@@ -291,7 +291,8 @@ def main(argv=None):
             raise SystemExit(f"error: {path} does not name its data (no data_dir); pass --data")
         data_path = args.data or os.path.join(ckpt["data_dir"], "val.bin")
         data = open_tokens(data_path, N, args.passage, model.config.vocab_size)
-        entry = dict(checkpoint=path, block_size=N, tokenizer=meta["tokenizer"],
+        # the training seed pairs runs of different arms in compare_arms.py
+        entry = dict(checkpoint=path, train_seed=ckpt["config"].get("seed"), block_size=N, tokenizer=meta["tokenizer"],
                      parameters=model.num_params(non_embedding=False), data=data_path, data_tokens=len(data))
         entry.update(evaluate(model, data, N, args.windows, args.trials, args.passage, args.batch, args.seed,
                               args.device, desc=os.path.basename(os.path.dirname(os.path.abspath(path)))))

@@ -57,7 +57,7 @@ def write_checkpoint(path, data_dir, tokenizer="bytes", config=TINY):
     torch.manual_seed(0)
     model = GPT(config)
     meta = dict(tokenizer=tokenizer, vocab_size=257, eot_id=256)
-    torch.save(dict(model=model.state_dict(), model_config=dataclasses.asdict(config), config={}, meta=meta,
+    torch.save(dict(model=model.state_dict(), model_config=dataclasses.asdict(config), config=dict(seed=7), meta=meta,
                     data_dir=str(data_dir)), path)
     return str(path)
 
@@ -86,6 +86,7 @@ def test_results_layout(run_dir, tmp_path):
     [entry] = results["checkpoints"]
     assert entry["data"] == str(run_dir / "val.bin") and entry["data_tokens"] == 20000
     assert entry["block_size"] == N and entry["tokenizer"] == "bytes"
+    assert entry["train_seed"] == 7  # the seed in the checkpoint's training config
     pos, ctx, copy = entry["position"], entry["context"], entry["copy"]
     assert pos["bins"] == [[0, 64], [64, 128], [128, 256], [256, 512], [512, 1024], [1024, 2048]]
     assert len(pos["loss"]) == len(pos["bits_per_byte"]) == 6

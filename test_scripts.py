@@ -224,6 +224,33 @@ def test_compare_arms_on_short_windows(short_runs, tmp_path):
     assert compare_arms(f"old={old}")["old"][3] == "–"
 
 
+def test_compare_arms_pairs_runs_by_their_recorded_seed(short_runs, tmp_path):
+    """Arm b holds the same two runs as arm a, in folders whose names give the other seed: paired by
+    the seed each run recorded, every run meets itself, so at equal time it is level with its pair
+    (paired by the folder names, the two seeds' runs would differ by about 0.1)."""
+    for seed in (0, 1):
+        shutil.copytree(short_runs[seed], tmp_path / "b" / f"run_s{1 - seed}")
+    table = compare_arms(f"a={short_runs[0]}", short_runs[1], f"b={tmp_path / 'b' / 'run_s*'}")
+    mean, std = (float(x) for x in table["b"][-1].split(" ± "))
+    assert abs(mean) < 0.01 and std < 0.01
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no seed", "eval_long.json does not record the seed the run was trained with"),
+    ("same seed twice", "arm b has two runs with seed 0"),
+])
+def test_compare_arms_refuses_runs_it_cannot_pair(short_runs, tmp_path, case, message):
+    for name in ("x", "y"):
+        shutil.copytree(short_runs[0], tmp_path / name)
+    if case == "no seed":
+        results = json.loads((tmp_path / "y" / "eval_long.json").read_text())
+        del results["checkpoints"][0]["train_seed"]  # as eval_long.py wrote it before it recorded seeds
+        (tmp_path / "y" / "eval_long.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit) as exit_info:
+        compare_arms(f"a={short_runs[0]}", f"b={tmp_path / 'x'}", tmp_path / "y")
+    assert str(exit_info.value.code).startswith("error: ") and message in exit_info.value.code
+
+
 def test_plot_runs_without_matplotlib(trained, monkeypatch):
     """Defect 12: a message, not ModuleNotFoundError."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an import finds when it is not installed
