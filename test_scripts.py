@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -252,11 +253,55 @@ def test_compare_arms_refuses_runs_it_cannot_pair(short_runs, tmp_path, case, me
 
 
 def test_plot_runs_without_matplotlib(trained, monkeypatch):
-    """Defect 12: a message, not ModuleNotFoundError."""
+    """Without matplotlib: a message, not ModuleNotFoundError."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an import finds when it is not installed
     with pytest.raises(SystemExit) as exit_info:
         plot_runs.main([str(trained / "metrics.jsonl")])
     assert exit_info.value.code == "plot_runs.py needs matplotlib: pip install matplotlib"
+
+
+class FakeFigure:
+    """Stands in for matplotlib's figure, axes and lines: records every call; savefig writes a file."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            if name == "savefig":
+                open(args[0], "wb").write(b"a figure")
+            return [FakeFigure(self.calls)] if name == "plot" else FakeFigure(self.calls)  # plot returns lines
+        return call
+
+
+def test_plot_runs_labels_each_run_and_writes_next_to_them(tmp_path, monkeypatch):
+    """Two metrics files of one folder get their own names as labels (not the folder's name, twice),
+    and the figure goes into their folder, not into the folder plot_runs.py is run from."""
+    calls = []
+    pyplot = types.SimpleNamespace(subplots=lambda *a, **k: (FakeFigure(calls), (FakeFigure(calls), FakeFigure(calls))))
+    monkeypatch.setitem(sys.modules, "matplotlib", types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    (tmp_path / "runs").mkdir()
+    for name in ("h200_a_dense", "h200_a_lighthouse_200_120"):
+        shutil.copy(os.path.join(ROOT, "assets", "runs", f"{name}.jsonl"), tmp_path / "runs")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    plot_runs.main(["../runs/h200_a_dense.jsonl", "../runs/h200_a_lighthouse_200_120.jsonl"])
+    labels = {kwargs["label"] for name, _, kwargs in calls if name == "plot" and kwargs.get("label")}
+    assert labels == {"h200_a_dense", "h200_a_lighthouse_200_120", "h200_a_lighthouse_200_120, Lighthouse-mode"}
+    assert [args[0] for name, args, _ in calls if name == "savefig"] == [str(tmp_path / "runs" / "runs.png")]
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_plot_runs_labels_are_paths_below_the_common_folder(tmp_path):
+    assert plot_runs.run_labels(["out-dense/metrics.jsonl", "out-lh/metrics.jsonl"]) == ["out-dense", "out-lh"]
+    assert plot_runs.run_labels(["runs/a/s0/metrics.jsonl", "runs/b/s0/metrics.jsonl"]) == ["a/s0", "b/s0"]
+    assert plot_runs.run_labels(["x/metrics.jsonl", "x/old.jsonl"]) == ["x", "x/old"]
+    for argv, message in [(["a/metrics.jsonl", "a/metrics.jsonl"], "two runs have the label 'a'"),
+                          (["a/metrics.jsonl", "b/metrics.jsonl", "--labels", "one"], "one label per run, got 1 for 2 runs")]:
+        with pytest.raises(SystemExit, match=message):
+            plot_runs.main(argv)
 
 
 def test_prepare_data_on_a_small_input(tmp_path):
