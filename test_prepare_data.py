@@ -291,3 +291,49 @@ def test_val_input_is_the_val_split(tmp_path):
                    val_inputs=[str(tmp_path / "corpus" / "a.txt")])
     with pytest.raises(ValueError, match="--val_input needs --input"):
         pd.prepare(None, out_dir=str(tmp_path / "o3"), quiet=True, val_inputs=[str(tmp_path / "val")])
+
+
+# ----------------------------------------------------------------------------- the books set's manifest
+
+def write_books(folder, shards):
+    """Shards as the books set has them ({name: [book, ...]}, xz, books joined by "\\n\\x1e\\n") and
+    a manifest of them in its format; returns the manifest's path."""
+    rows = ["split\tshard\tsource_path\ttitle\tauthor\tcharacters\tsha256"]
+    for shard, books in shards.items():
+        write(folder / shard, "\n\x1e\n".join(books), "xz")
+        for i, book in enumerate(books):
+            digest = __import__("hashlib").sha256(book.encode("utf-8")).hexdigest()
+            rows.append(f"train\t{shard}\tAuthor {i}/Book {i}.txt\tBook\\t{i}\tAuthor {i}\t{len(book)}\t{digest}")
+    (folder / "manifest.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return str(folder / "manifest.tsv")
+
+
+def test_verify_books_against_a_manifest(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    words = ["caf\u00e9", "lighthouse", "\u4e2d\u6587", "keeper", "\u2014", "sea"]
+    book = lambda n: " ".join(rng.choice(words, n)) + "\n"  # noqa: E731
+    shards = {"train-000.txt.xz": [book(50), book(80)], "val-000.txt.xz": [book(60)]}
+    manifest = write_books(tmp_path / "books", shards)
+    assert pd.verify_books(str(tmp_path / "books"), manifest) == []
+    pd.main(["--verify_books", str(tmp_path / "books"), "--manifest", manifest])
+    assert capsys.readouterr().out == (f"{tmp_path / 'books'}: all 3 books of {manifest}, in its 2 shards, "
+                                       f"with its characters and sha256\n")
+
+    # one character changed (the same length), a book missing, a shard missing
+    changed = shards["train-000.txt.xz"][1].replace("sea", "sex", 1)
+    write(tmp_path / "books" / "train-000.txt.xz", "\n\x1e\n".join([shards["train-000.txt.xz"][0], changed]), "xz")
+    write(tmp_path / "books" / "val-000.txt.xz", "", "xz")
+    assert pd.verify_books(str(tmp_path / "books"), manifest) == [
+        f"{tmp_path / 'books' / 'train-000.txt.xz'}: book 2 has the length of the manifest's 'Book\\\\t1', not its sha256",
+        f"{tmp_path / 'books' / 'val-000.txt.xz'}: book 1 has 0 characters, the manifest's 'Book\\\\t0' "
+        f"{len(shards['val-000.txt.xz'][0]):,}"]
+    os.remove(tmp_path / "books" / "val-000.txt.xz")
+    with pytest.raises(SystemExit) as exit_info:
+        pd.main(["--verify_books", str(tmp_path / "books"), "--manifest", manifest])
+    assert exit_info.value.code == (f"error: {tmp_path / 'books'} does not hold the books of {manifest}:\n"
+                                    f"  {tmp_path / 'books' / 'train-000.txt.xz'}: book 2 has the length of the "
+                                    f"manifest's 'Book\\\\t1', not its sha256\n"
+                                    f"  {tmp_path / 'books' / 'val-000.txt.xz'}: missing")
+    write(tmp_path / "books" / "val-000.txt.xz", "\n\x1e\n".join(shards["val-000.txt.xz"] * 2), "xz")
+    assert pd.verify_books(str(tmp_path / "books"), manifest)[-1].endswith("val-000.txt.xz: 2 books, the manifest "
+                                                                           "lists 1")
