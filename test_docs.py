@@ -117,3 +117,12 @@ def test_the_data_docs_agree_with_the_manifest():
         authors = {r["source_path"].split("/")[0] for r in books}
         characters = sum(int(r["characters"]) for r in books)
         assert re.search(rf"^\| {split} \|[^\n]*\| {len(books)} \| {len(authors)} \| {characters:,} \|", text, re.M)
+
+
+def test_the_files_the_docs_cite_are_in_the_repo():
+    """Every assets/ file (or glob) that README.md, docs/*.md or a config header cites as the record
+    of a measurement exists."""
+    for path in DOCS + CONFIGS:
+        text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+        for cited in re.findall(r"assets/[\w./*-]*[\w/*]", text):
+            assert glob.glob(os.path.join(ROOT, cited)), f"{path} cites {cited}, which is not in the repo"
