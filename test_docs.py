@@ -126,3 +126,18 @@ def test_the_files_the_docs_cite_are_in_the_repo():
         text = open(os.path.join(ROOT, path), encoding="utf-8").read()
         for cited in re.findall(r"assets/[\w./*-]*[\w/*]", text):
             assert glob.glob(os.path.join(ROOT, cited)), f"{path} cites {cited}, which is not in the repo"
+
+
+def test_the_quick_start_numbers_name_their_machine_and_agree():
+    """The quick start's losses depend on the CPU: the README and config/quick_cpu.py say which
+    machine printed them, and quote the same ones."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    header = " ".join(line.lstrip("# ") for line in open(os.path.join(ROOT, "config", "quick_cpu.py"))
+                      if line.startswith("#"))
+    header = " ".join(header.split())  # one line
+    expected = readme[readme.index("## Quick start"):readme.index("## How Lighthouse works")]
+    for text in (expected, header):
+        assert "Intel Xeon" in text and "model 207" in text and "other CPUs" in text
+    final, at_switch = "final val loss (dense) 1.9864", "iter 240: val loss (dense) 2.2961, lighthouse-mode 1.9884"
+    assert final in expected and at_switch in expected
+    assert "final dense val loss 1.9864" in header and "2.2961, 1.9884 in Lighthouse mode" in header
