@@ -497,7 +497,7 @@ def main(argv=None):
     parser.add_argument("--verify_books", metavar="FOLDER",
                         help="only check that FOLDER holds the books set of --manifest (docs/data.md): every "
                              "shard, every book's characters and sha256; prepares nothing")
-    parser.add_argument("--manifest", default=os.path.relpath(BOOKS_MANIFEST),
+    parser.add_argument("--manifest", default=BOOKS_MANIFEST,
                         help="the manifest --verify_books checks against (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.verify_books:
