@@ -38,8 +38,8 @@ def read_run(folder):
     logs = [r for r in records if "train_loss" in r]
     with open(os.path.join(folder, "eval_long.json")) as f:
         entry = json.load(f)["checkpoints"][0]
-    run = dict(folder=folder, seed=entry.get("train_seed"), final=evals[-1]["val_loss"],
-               train_s=logs[-1]["elapsed_s"], curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0)
+    run = dict(folder=folder, seed=entry.get("train_seed"), final=evals[-1]["val_loss"], train_s=logs[-1]["elapsed_s"],
+               curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0)
     lighthouse_tokens = max([r["tokens"] for r in logs if r["phase"] == "lighthouse"], default=0)
     tokens = dict(lighthouse=lighthouse_tokens, dense=logs[-1]["tokens"] - lighthouse_tokens)
     for phase in ("lighthouse", "dense"):
@@ -76,8 +76,8 @@ def table(arms, baseline):
     base = arms[baseline]
     base_steady = statistics.mean(r["steady_s"] for r in base.values())
     tail = next(iter(base.values()))["tail"]
-    rows = [f"| arm | seeds | final val loss | last {tail} loss | far context | copy acc @ D | tok/s Lighthouse / dense "
-            "| train s | steady s | vs baseline | at equal time |", "|" + "---|" * 11]
+    rows = [f"| arm | seeds | final val loss | last {tail} loss | far context | copy acc @ D "
+            "| tok/s Lighthouse / dense | train s | steady s | vs baseline | at equal time |", "|" + "---|" * 11]
     for name, runs in arms.items():
         seeds = sorted(runs)
         values = lambda key: [runs[s][key] for s in seeds]  # noqa: E731 (one value per seed)

@@ -423,9 +423,10 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
             os.rmdir(out_dir)
 
     if not quiet:
-        print(f"{out_dir}: {source}; train {plural(meta['train']['docs'], 'doc')}, "
-              f"{plural(meta['train']['tokens'], 'token')}; val {plural(meta['val']['docs'], 'doc')}, "
-              f"{plural(meta['val']['tokens'], 'token')}; longest document {plural(meta['longest_doc_tokens'], 'token')}")
+        train, val = meta["train"], meta["val"]
+        print(f"{out_dir}: {source}; train {plural(train['docs'], 'doc')}, {plural(train['tokens'], 'token')}; "
+              f"val {plural(val['docs'], 'doc')}, {plural(val['tokens'], 'token')}; "
+              f"longest document {plural(meta['longest_doc_tokens'], 'token')}")
     return out_dir
 
 

@@ -76,8 +76,14 @@ def test_the_docs_show_commands_of_every_kind():
     assert ("train", ["config/paper_98k.py"]) in commands("README.md")  # after torchrun's options
 
 
-@pytest.mark.parametrize("path, argv", [(path, argv) for path, script, argv in ALL if script == "train"
-                                         and argv != ["--help"]], ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+TRAIN = [(path, argv) for path, script, argv in ALL if script == "train" and argv != ["--help"]]
+
+
+def command_id(value):
+    return " ".join(value) if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("path, argv", TRAIN, ids=command_id)
 def test_train_commands_are_valid_runs_of_prepared_data(path, argv):
     """Each is parsed by train.py's own loader and checked as a fresh run on this machine would be
     (a resume needs its checkpoint, so it is checked as a fresh run), and its dataset is a folder
@@ -94,7 +100,7 @@ class Parsed(Exception):
 
 
 @pytest.mark.parametrize("path, script, argv", [c for c in ALL if c[1] != "train"],
-                         ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+                         ids=command_id)
 def test_other_commands_get_through_their_argument_parser(path, script, argv, monkeypatch):
     parse_args = argparse.ArgumentParser.parse_args
 

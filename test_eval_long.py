@@ -90,7 +90,8 @@ def test_results_layout(run_dir, tmp_path):
     pos, ctx, copy = entry["position"], entry["context"], entry["copy"]
     assert pos["bins"] == [[0, 64], [64, 128], [128, 256], [256, 512], [512, 1024], [1024, 2048]]
     assert len(pos["loss"]) == len(pos["bits_per_byte"]) == 6
-    assert ctx["tail"] == 1024 and ctx["contexts"] == [1024] and len(ctx["loss"]) == len(ctx["gain"]) == len(ctx["gain_stderr"]) == 1
+    assert ctx["tail"] == 1024 and ctx["contexts"] == [1024]
+    assert len(ctx["loss"]) == len(ctx["gain"]) == len(ctx["gain_stderr"]) == 1
     assert copy["distances"] == [256, 512, 1024, 1792]  # 1792 = N - 128 - passage: the largest that fits
     for key in ("loss_first", "loss_second", "gain", "gain_stderr", "accuracy_first", "accuracy_second"):
         assert len(copy[key]) == 4

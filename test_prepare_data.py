@@ -324,7 +324,8 @@ def test_verify_books_against_a_manifest(tmp_path, capsys):
     write(tmp_path / "books" / "train-000.txt.xz", "\n\x1e\n".join([shards["train-000.txt.xz"][0], changed]), "xz")
     write(tmp_path / "books" / "val-000.txt.xz", "", "xz")
     assert pd.verify_books(str(tmp_path / "books"), manifest) == [
-        f"{tmp_path / 'books' / 'train-000.txt.xz'}: book 2 has the length of the manifest's 'Book\\\\t1', not its sha256",
+        f"{tmp_path / 'books' / 'train-000.txt.xz'}: book 2 has the length of the manifest's 'Book\\\\t1', "
+        f"not its sha256",
         f"{tmp_path / 'books' / 'val-000.txt.xz'}: book 1 has 0 characters, the manifest's 'Book\\\\t0' "
         f"{len(shards['val-000.txt.xz'][0]):,}"]
     os.remove(tmp_path / "books" / "val-000.txt.xz")

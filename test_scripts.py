@@ -299,7 +299,8 @@ def test_plot_runs_labels_are_paths_below_the_common_folder(tmp_path):
     assert plot_runs.run_labels(["runs/a/s0/metrics.jsonl", "runs/b/s0/metrics.jsonl"]) == ["a/s0", "b/s0"]
     assert plot_runs.run_labels(["x/metrics.jsonl", "x/old.jsonl"]) == ["x", "x/old"]
     for argv, message in [(["a/metrics.jsonl", "a/metrics.jsonl"], "two runs have the label 'a'"),
-                          (["a/metrics.jsonl", "b/metrics.jsonl", "--labels", "one"], "one label per run, got 1 for 2 runs")]:
+                          (["a/metrics.jsonl", "b/metrics.jsonl", "--labels", "one"],
+                           "one label per run, got 1 for 2 runs")]:
         with pytest.raises(SystemExit, match=message):
             plot_runs.main(argv)
 
