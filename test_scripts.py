@@ -119,7 +119,7 @@ def test_sample_from_a_config_files_run(trained, tmp_path):
 def test_samples_differ_by_seed_and_from_each_other(trained):
     """Sampling (the default top_k and temperature) draws: two samples of one run differ, the seed
     repeats them, and each is the prompt and then new text."""
-    argv = ["--out_dir", str(trained), "--start", "the ", "--max_new_tokens=30", "--num_samples=2", "--device=cpu"]
+    argv = ["--out_dir", str(trained), "--start", "the ", "--max_new_tokens=12", "--num_samples=2", "--device=cpu"]
     first, again, other = sample.main(argv), sample.main(argv), sample.main(argv + ["--seed=7"])
     assert len(first) == 2 and first[0] != first[1] and first == again and other != first
     assert all(text.startswith("the ") and len(text) > len("the ") for text in first + other)
