@@ -6,10 +6,13 @@ markdown table, and, if matplotlib is installed, a figure.
     python compare_arms.py dense=runs/dense_s* norm=runs/norm_s* --baseline dense --out assets/arms.png
 
 Each run folder holds metrics.jsonl and eval_long.json (python eval_long.py RUN/ckpt.pt --out
-RUN/eval_long.json). Columns:
+RUN/eval_long.json), which records the seed the run was trained with. Runs of different arms with
+the same seed started from the same weights and saw the same data: they are compared in pairs.
+Each arm needs one run per seed. Columns:
   final val loss     the dense validation loss at the end (train.py's last evaluation)
-  last 1K loss       eval_long: the loss of each window's last 1024 tokens, given the whole window
-  far context        eval_long: how much worse the last 1024 tokens are given only the last 1024
+  last T loss        eval_long: the loss of each window's last T tokens (1024, or half of a shorter
+                     window), given the whole window
+  far context        eval_long: how much worse the last T tokens are given only the last T
   copy acc @ D       eval_long: accuracy on the second copy of a passage at the largest distance D
   tok/s per phase    the median over each phase's log lines, its first left out (it holds the compile)
   train s            training seconds, evaluations excluded, compilation included
@@ -33,7 +36,9 @@ def read_run(folder):
         records = [json.loads(line) for line in f]
     evals = [r for r in records if "val_loss" in r]
     logs = [r for r in records if "train_loss" in r]
-    run = dict(final=evals[-1]["val_loss"], train_s=logs[-1]["elapsed_s"],
+    with open(os.path.join(folder, "eval_long.json")) as f:
+        entry = json.load(f)["checkpoints"][0]
+    run = dict(folder=folder, seed=entry.get("train_seed"), final=evals[-1]["val_loss"], train_s=logs[-1]["elapsed_s"],
                curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0)
     lighthouse_tokens = max([r["tokens"] for r in logs if r["phase"] == "lighthouse"], default=0)
     tokens = dict(lighthouse=lighthouse_tokens, dense=logs[-1]["tokens"] - lighthouse_tokens)
@@ -42,9 +47,9 @@ def read_run(folder):
         if windows:
             run["rate"][phase] = statistics.median(windows[1:] or windows)
             run["steady_s"] += tokens[phase] / run["rate"][phase]
-    with open(os.path.join(folder, "eval_long.json")) as f:
-        entry = json.load(f)["checkpoints"][0]
-    run.update(last_1k=entry["context"]["loss_full"], far_context=entry["context"]["gain"][0],
+    context = entry["context"]
+    # (eval_long.json files written before windows under 2048 tokens had a far-context measurement have none)
+    run.update(tail=context["tail"], last_tail=context["loss_full"], far_context=(context["gain"] or [None])[0],
                copy_distance=entry["copy"]["distances"][-1], copy_accuracy=entry["copy"]["accuracy_second"][-1],
                copy_gain=entry["copy"]["gain"], distances=entry["copy"]["distances"],
                position_bins=entry["position"]["bins"], position_loss=entry["position"]["loss"])
@@ -60,6 +65,8 @@ def loss_at(curve, seconds):
 
 
 def mean_std(values, digits=3):
+    if not values or None in values:
+        return "–"
     if len(values) < 2:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -68,8 +75,9 @@ def mean_std(values, digits=3):
 def table(arms, baseline):
     base = arms[baseline]
     base_steady = statistics.mean(r["steady_s"] for r in base.values())
-    rows = ["| arm | seeds | final val loss | last 1K loss | far context | copy acc @ D | tok/s Lighthouse / dense "
-            "| train s | steady s | vs baseline | at equal time |", "|" + "---|" * 11]
+    tail = next(iter(base.values()))["tail"]
+    rows = [f"| arm | seeds | final val loss | last {tail} loss | far context | copy acc @ D "
+            "| tok/s Lighthouse / dense | train s | steady s | vs baseline | at equal time |", "|" + "---|" * 11]
     for name, runs in arms.items():
         seeds = sorted(runs)
         values = lambda key: [runs[s][key] for s in seeds]  # noqa: E731 (one value per seed)
@@ -78,7 +86,7 @@ def table(arms, baseline):
         rate_text = " / ".join(f"{r / 1e3:.0f}k" if r else "–" for r in rates)
         paired = [s for s in seeds if s in base]
         equal_time = [runs[s]["final"] - loss_at(base[s]["curve"], runs[s]["train_s"]) for s in paired]
-        rows.append(f"| {name} | {len(seeds)} | {mean_std(values('final'))} | {mean_std(values('last_1k'))} | "
+        rows.append(f"| {name} | {len(seeds)} | {mean_std(values('final'))} | {mean_std(values('last_tail'))} | "
                     f"{mean_std(values('far_context'))} | {mean_std(values('copy_accuracy'))} @ "
                     f"{runs[seeds[0]]['copy_distance']} | {rate_text} | {mean_std(values('train_s'), 0)} | "
                     f"{mean_std(values('steady_s'), 0)} | {base_steady / statistics.mean(values('steady_s')):.2f}x | "
@@ -151,7 +159,18 @@ def main(argv=None):
             if not os.path.isfile(os.path.join(folder, "eval_long.json")):
                 sys.exit(f"error: {folder} has no eval_long.json (python eval_long.py {folder}/ckpt.pt --out "
                          f"{folder}/eval_long.json)")
-            arms[name][os.path.basename(os.path.normpath(folder)).rsplit("_", 1)[-1]] = read_run(folder)
+            run = read_run(folder)
+            if run["seed"] is None:
+                sys.exit(f"error: {folder}/eval_long.json does not record the seed the run was trained with, so "
+                         f"it cannot be paired with the other arms' runs; run eval_long.py on its ckpt.pt again")
+            if run["seed"] in arms[name]:
+                sys.exit(f"error: arm {name} has two runs with seed {run['seed']} ({arms[name][run['seed']]['folder']} "
+                         f"and {folder}); give each arm one run per seed")
+            arms[name][run["seed"]] = run
+    tails = sorted({run["tail"] for runs in arms.values() for run in runs.values()})
+    if len(tails) > 1:
+        sys.exit(f"error: the runs' eval_long.json files score different tails ({', '.join(map(str, tails))} "
+                 f"tokens): compare runs of one block_size")
     baseline = args.baseline or next(iter(arms))
     if baseline not in arms:
         sys.exit(f"error: no arm named {baseline}")

@@ -7,9 +7,9 @@ the val.bin of the data it was trained on), three ways:
    tokens) over --windows windows, in the bins [0, 64), [64, 128), [128, 256), ... up to N; in
    nats, and in bits per byte (nats / ln 2) for byte-level data. A model that uses its context
    keeps getting better further into the window.
-2. Far context. The loss of each window's last 1024 tokens given the whole window, and given only
-   the window's last C tokens, for C = 1024, 4096, 16384, ... below N. loss(C) - loss(full) is
-   what the tokens more than C back are worth.
+2. Far context. The loss of each window's last T tokens given the whole window, and given only
+   the window's last C tokens, for C = T, 4T, 16T, ... below N. loss(C) - loss(full) is what the
+   tokens more than C back are worth. T = 1024, or N / 2 for windows shorter than 2048 tokens.
 3. Copy at a distance. A passage of --passage tokens, cut from elsewhere in the file (a different
    one per trial), is planted 128 tokens into a real window and again D tokens later. D is start
    to start: the powers of two from 256 that are at least the passage length, and the largest D
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from model import GPT, CheckpointError
 
 PREFIX = 128  # tokens of real text before the first copy of the passage
-TAIL = 1024  # the far-context measurement scores each window's last TAIL tokens
+TAIL = 1024  # the far-context measurement scores each window's last TAIL tokens (fewer in short windows)
 MIN_DISTANCE = 256  # the shortest copy distance
 
 
@@ -59,10 +59,17 @@ def position_bins(N):
     return list(zip(edges[:-1], edges[1:]))
 
 
+def tail_length(N):
+    """How many of a window's last tokens the far-context measurement scores: TAIL, or half the
+    window if that is less, so that there is always a truncated context (the last T tokens) that
+    leaves some of the window out."""
+    return min(TAIL, N // 2)
+
+
 def context_lengths(N):
-    """The truncated contexts of the far-context measurement: 1024 * 4^k below N."""
+    """The truncated contexts of the far-context measurement: T * 4^k below N, T = tail_length(N)."""
     lengths = []
-    C = TAIL
+    C = tail_length(N)
     while C < N:
         lengths.append(C)
         C *= 4
@@ -105,19 +112,19 @@ def position_and_context(model, data, N, windows, batch, seed, autocast, device,
     """Measurements 1 and 2 on the same windows: the full window's forward pass serves both."""
     rng = np.random.default_rng([seed, 0])
     starts = rng.integers(0, len(data) - N, size=windows)  # windows of N + 1 tokens: N inputs, N targets
-    contexts = context_lengths(N)
+    contexts, T = context_lengths(N), tail_length(N)
     position_sum = torch.zeros(N, dtype=torch.float64)
-    # per window, the mean loss of its last TAIL tokens given each truncated context, then the full window
+    # per window, the mean loss of its last T tokens given each truncated context, then the full window
     tail = np.zeros((windows, len(contexts) + 1))
     for i in range(0, windows, batch):
         seq = windows_at(data, starts[i:i + batch], N + 1, device)  # (B, N + 1)
         rows = slice(i, i + len(seq))
         losses, _ = token_losses(model, seq, autocast)  # (B, N)
         position_sum += losses.double().sum(0).cpu()
-        tail[rows, -1] = losses[:, -TAIL:].double().mean(1).cpu().numpy()
+        tail[rows, -1] = losses[:, -T:].double().mean(1).cpu().numpy()
         for j, C in enumerate(contexts):
             short, _ = token_losses(model, seq[:, -C - 1:], autocast)  # (B, C): the same targets, C tokens of context
-            tail[rows, j] = short[:, -TAIL:].double().mean(1).cpu().numpy()
+            tail[rows, j] = short[:, -T:].double().mean(1).cpu().numpy()
         bar.update(len(seq) * (N + sum(contexts)))
 
     per_position = position_sum / windows  # (N,)
@@ -125,7 +132,7 @@ def position_and_context(model, data, N, windows, batch, seed, autocast, device,
     gains = tail[:, :-1] - tail[:, -1:]  # (windows, len(contexts)): loss(C) - loss(full), per window
     position = dict(bins=[list(b) for b in bins], loss=[per_position[lo:hi].mean().item() for lo, hi in bins],
                     loss_all=per_position.mean().item())
-    context = dict(tail=TAIL, contexts=contexts, loss=tail[:, :-1].mean(0).tolist(),
+    context = dict(tail=T, contexts=contexts, loss=tail[:, :-1].mean(0).tolist(),
                    loss_full=tail[:, -1].mean().item(), gain=gains.mean(0).tolist(),
                    gain_stderr=(gains.std(0) / math.sqrt(windows)).tolist())
     return position, context
@@ -284,7 +291,8 @@ def main(argv=None):
             raise SystemExit(f"error: {path} does not name its data (no data_dir); pass --data")
         data_path = args.data or os.path.join(ckpt["data_dir"], "val.bin")
         data = open_tokens(data_path, N, args.passage, model.config.vocab_size)
-        entry = dict(checkpoint=path, block_size=N, tokenizer=meta["tokenizer"],
+        # the training seed pairs runs of different arms in compare_arms.py
+        entry = dict(checkpoint=path, train_seed=ckpt["config"].get("seed"), block_size=N, tokenizer=meta["tokenizer"],
                      parameters=model.num_params(non_embedding=False), data=data_path, data_tokens=len(data))
         entry.update(evaluate(model, data, N, args.windows, args.trials, args.passage, args.batch, args.seed,
                               args.device, desc=os.path.basename(os.path.dirname(os.path.abspath(path)))))
@@ -293,7 +301,7 @@ def main(argv=None):
         entry["position"]["bits_per_byte"] = [x / math.log(2) for x in nats] if meta["tokenizer"] == "bytes" else None
         entries.append(entry)
 
-    settings = dict(windows=args.windows, trials=args.trials, passage=args.passage, prefix=PREFIX, tail=TAIL,
+    settings = dict(windows=args.windows, trials=args.trials, passage=args.passage, prefix=PREFIX,
                     batch=args.batch, seed=args.seed, device=args.device,
                     dtype="bfloat16" if args.device.startswith("cuda") else "float32")
     results = dict(settings=settings, data=args.data, checkpoints=entries)

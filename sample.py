@@ -8,7 +8,9 @@ Sample text from a trained checkpoint, always with dense attention.
 
 import argparse
 import contextlib
+import math
 import os
+import re
 import sys
 
 import torch
@@ -35,6 +37,43 @@ def checkpoint_path(args):
     return os.path.join(out_dir or DEFAULT_OUT_DIR, "ckpt.pt"), command
 
 
+def check_settings(args):
+    """Exit with a one-line message for a setting that would crash the sampling or quietly do
+    something else than asked."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        sys.exit(f"error: --device must be cpu, cuda or cuda:<n> (got {args.device!r})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: --device={args.device} but no CUDA GPU is available; use --device=cpu")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        sys.exit(f"error: --device={args.device} but this machine has {torch.cuda.device_count()} GPU(s); "
+                 f"use --device=cuda:0")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        sys.exit(f"error: --temperature must be a number above 0 (got {args.temperature}); 0.8 is a good start, "
+                 f"and --top_k=1 always picks the likeliest token")
+    if args.top_k < 1:
+        sys.exit(f"error: --top_k must be at least 1 (got {args.top_k}): 1 always picks the likeliest token, "
+                 f"a value at or above the vocabulary size samples among all tokens")
+    for name in ("num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name} must be at least 1 (got {getattr(args, name)})")
+
+
+def read_prompt(start):
+    """The prompt: --start itself, or the text of the file it names as FILE:path."""
+    prompt = start
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            sys.exit(f"error: cannot read the prompt file {start[5:]!r} ({reason}); give a readable UTF-8 text "
+                     f"file after FILE:")
+    if not prompt:
+        sys.exit("error: the prompt is empty; give --start some text")
+    return prompt
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="a train.py config file: sample from its run's out_dir")
@@ -48,8 +87,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"error: --device={args.device} but no CUDA GPU is available; use --device=cpu")
+    check_settings(args)  # before the checkpoint is read: a bad setting is named, not blamed on the file
+    prompt = read_prompt(args.start)
 
     path, command = checkpoint_path(args)
     if not os.path.exists(path):
@@ -59,12 +98,6 @@ def main(argv=None):
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     encode, decode = prepare_data.load_tokenizer(ckpt["meta"])
-
-    prompt = args.start
-    if prompt.startswith("FILE:"):
-        prompt = open(prompt[5:], encoding="utf-8").read()
-    if not prompt:
-        sys.exit("error: the prompt is empty; give --start some text")
     start = torch.tensor([encode(prompt)], dtype=torch.long, device=args.device)  # (1, prompt tokens)
     torch.manual_seed(args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()

@@ -188,6 +188,35 @@ def test_empty_val_split(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_files_without_text_are_skipped_and_not_counted(tmp_path, capsys):
+    """The counts say what was used: a file that holds no document is named in a warning and left
+    out of the file count, and one file is "1 file"."""
+    write(tmp_path / "corpus" / "a.txt", "first\n\x1e\nsecond")
+    write(tmp_path / "corpus" / "blank.txt", " \n\x1e\n\n")
+    write(tmp_path / "corpus" / "empty.txt.gz", "", "gz")
+    out = pd.prepare([str(tmp_path / "corpus")], out_dir=str(tmp_path / "out"))
+    captured = capsys.readouterr()
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["source"] == f"1 file from {tmp_path / 'corpus'} (2 empty files skipped)"
+    for name in ("blank.txt", "empty.txt.gz"):
+        assert f"warning: {tmp_path / 'corpus' / name} holds no text; skipped" in captured.err
+    assert f"{out}: 1 file from {tmp_path / 'corpus'} (2 empty files skipped); train 1 doc, 6 tokens; val 1 doc, " \
+           f"7 tokens; longest document 7 tokens" in captured.out
+
+
+def test_an_out_dir_that_cannot_be_a_folder_is_named(tmp_path):
+    write(tmp_path / "books.txt", "first\n\x1e\nsecond")
+    write(tmp_path / "a_file", "not a folder")
+    for out_dir, message in [(tmp_path / "a_file", f"--out_dir {tmp_path / 'a_file'} is a file, not a folder; "
+                                                   f"choose another --out_dir"),
+                             (tmp_path / "a_file" / "sub", f"cannot create the folder {tmp_path / 'a_file' / 'sub'} "
+                                                           f"(Not a directory); choose another --out_dir")]:
+        with pytest.raises(SystemExit) as exit_info:
+            pd.main(["--input", str(tmp_path / "books.txt"), "--out_dir", str(out_dir), "--quiet"])
+        assert exit_info.value.code == f"error: {message}"
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
 def test_latin1_fallback_warns(tmp_path, capsys):
     write(tmp_path / "old.txt", "caf\u00e9 cr\u00e8me\n\x1e\nna\u00efve".encode("latin-1"))
     out = pd.prepare([str(tmp_path / "old.txt")], out_dir=str(tmp_path / "out"), quiet=True)
@@ -209,7 +238,8 @@ def test_failure_leaves_previous_output_alone(tmp_path):
 
 
 def test_staging_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
-    """Defect 7: a prepare_data.py killed with SIGKILL cannot clean up after itself."""
+    """A prepare_data.py killed with SIGKILL cannot clean up after itself: the next run removes the
+    staging files of processes that are gone, and keeps those of a run still at work."""
     make_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     killed = subprocess.run([sys.executable, "-c", (
@@ -261,3 +291,50 @@ def test_val_input_is_the_val_split(tmp_path):
                    val_inputs=[str(tmp_path / "corpus" / "a.txt")])
     with pytest.raises(ValueError, match="--val_input needs --input"):
         pd.prepare(None, out_dir=str(tmp_path / "o3"), quiet=True, val_inputs=[str(tmp_path / "val")])
+
+
+# ----------------------------------------------------------------------------- the books set's manifest
+
+def write_books(folder, shards):
+    """Shards as the books set has them ({name: [book, ...]}, xz, books joined by "\\n\\x1e\\n") and
+    a manifest of them in its format; returns the manifest's path."""
+    rows = ["split\tshard\tsource_path\ttitle\tauthor\tcharacters\tsha256"]
+    for shard, books in shards.items():
+        write(folder / shard, "\n\x1e\n".join(books), "xz")
+        for i, book in enumerate(books):
+            digest = __import__("hashlib").sha256(book.encode("utf-8")).hexdigest()
+            rows.append(f"train\t{shard}\tAuthor {i}/Book {i}.txt\tBook\\t{i}\tAuthor {i}\t{len(book)}\t{digest}")
+    (folder / "manifest.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return str(folder / "manifest.tsv")
+
+
+def test_verify_books_against_a_manifest(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    words = ["caf\u00e9", "lighthouse", "\u4e2d\u6587", "keeper", "\u2014", "sea"]
+    book = lambda n: " ".join(rng.choice(words, n)) + "\n"  # noqa: E731
+    shards = {"train-000.txt.xz": [book(50), book(80)], "val-000.txt.xz": [book(60)]}
+    manifest = write_books(tmp_path / "books", shards)
+    assert pd.verify_books(str(tmp_path / "books"), manifest) == []
+    pd.main(["--verify_books", str(tmp_path / "books"), "--manifest", manifest])
+    assert capsys.readouterr().out == (f"{tmp_path / 'books'}: all 3 books of {manifest}, in its 2 shards, "
+                                       f"with its characters and sha256\n")
+
+    # one character changed (the same length), a book missing, a shard missing
+    changed = shards["train-000.txt.xz"][1].replace("sea", "sex", 1)
+    write(tmp_path / "books" / "train-000.txt.xz", "\n\x1e\n".join([shards["train-000.txt.xz"][0], changed]), "xz")
+    write(tmp_path / "books" / "val-000.txt.xz", "", "xz")
+    assert pd.verify_books(str(tmp_path / "books"), manifest) == [
+        f"{tmp_path / 'books' / 'train-000.txt.xz'}: book 2 has the length of the manifest's 'Book\\\\t1', "
+        f"not its sha256",
+        f"{tmp_path / 'books' / 'val-000.txt.xz'}: book 1 has 0 characters, the manifest's 'Book\\\\t0' "
+        f"{len(shards['val-000.txt.xz'][0]):,}"]
+    os.remove(tmp_path / "books" / "val-000.txt.xz")
+    with pytest.raises(SystemExit) as exit_info:
+        pd.main(["--verify_books", str(tmp_path / "books"), "--manifest", manifest])
+    assert exit_info.value.code == (f"error: {tmp_path / 'books'} does not hold the books of {manifest}:\n"
+                                    f"  {tmp_path / 'books' / 'train-000.txt.xz'}: book 2 has the length of the "
+                                    f"manifest's 'Book\\\\t1', not its sha256\n"
+                                    f"  {tmp_path / 'books' / 'val-000.txt.xz'}: missing")
+    write(tmp_path / "books" / "val-000.txt.xz", "\n\x1e\n".join(shards["val-000.txt.xz"] * 2), "xz")
+    assert pd.verify_books(str(tmp_path / "books"), manifest)[-1].endswith("val-000.txt.xz: 2 books, the manifest "
+                                                                           "lists 1")

@@ -1,8 +1,11 @@
-# Lighthouse -> dense recovery on whole books, 32K byte-level context, one GPU with 16+ GB.
+# Lighthouse -> dense recovery on whole books, 32K byte-level context, one GPU.
 # Model: d=512, 8 layers, 4 x 128-dim heads, SwiGLU 1536 (27.4M parameters without the embedding);
 # layers 0 and 7 stay dense in phase 1. 200 Lighthouse + 120 recovery steps of 4 x 32768 tokens (42M tokens).
-# Data: as config/books_64k.py. Not run at full length, so its final loss is not known. A 30 + 20-step run
-# on one H200 (eager, with the previous kernels) ran at 455k tok/s (Lighthouse) and 350k tok/s (dense).
+# Data: data/books_bytes, the books set (docs/data.md), prepared as in config/books_64k.py.
+# Not run: its training time, memory and final loss are not known until it is run. The only measurement
+# of these settings is a 30 + 20-step run on one H200, eager, with the trainer and kernels of commit
+# cd93424 (assets/runs/h200_books32k_30_20.jsonl): 455k tok/s in the Lighthouse phase, 350k tok/s dense,
+# 7.9 GB peak. The trainer and kernels have changed since; how that changes these numbers is not measured.
 # At 32K, topk 2048 attends over 56% of the positions: the Lighthouse layers save less than at 64K.
 out_dir = "out-books-32k"
 dataset = "books_bytes"
