@@ -122,6 +122,15 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in CHECKPOINT_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint written by this version of train.py "
                               f"(expected the keys {', '.join(CHECKPOINT_KEYS)})")
+    # exactly GPTConfig's fields: a checkpoint of another version of model.py would build another model
+    names = [f.name for f in fields(GPTConfig)]
+    found = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
+    unknown, missing = [n for n in found if n not in names], [n for n in names if n not in found]
+    if unknown or missing:
+        problems = (([f"has the unknown settings {', '.join(unknown)}"] if unknown else [])
+                    + ([f"lacks {', '.join(missing)}"] if missing else []))
+        raise CheckpointError(f"{path} was written by another version of model.py: its model_config "
+                              f"{' and '.join(problems)}; use the version of this code that wrote it")
     return ckpt
 
 
@@ -244,8 +253,16 @@ class GPT(nn.Module):
         Returns (model, checkpoint): the checkpoint's "meta" names the tokenizer, "data_dir" the data."""
         ckpt = load_checkpoint(path, device)
         model = cls(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_weights(ckpt, path)
         return model.to(device).eval(), ckpt
+
+    def load_weights(self, ckpt, path):
+        """The checkpoint's weights, or a CheckpointError naming path if they do not fit this model."""
+        try:
+            self.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # missing, unexpected or misshapen weights
+            reason = " ".join(str(e).split())  # torch's message, on one line
+            raise CheckpointError(f"{path}: its weights do not fit its model_config: {reason}") from None
 
     def model_config(self):
         """The GPTConfig as plain data, as checkpoints store it."""
@@ -296,15 +313,17 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T), always with dense attention."""
         mode = self.mode
         self.set_attention("dense")
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # (B, vocab)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
-        self.set_attention(mode)
+        try:  # the caller's mode comes back even if sampling stops (an error, a Ctrl-C)
+            for _ in range(max_new_tokens):
+                context = idx[:, -self.config.block_size:]
+                logits, _ = self(context)
+                logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # (B, vocab)
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+        finally:
+            self.set_attention(mode)
         return idx
 
     def configure_optimizer(self, learning_rate, weight_decay, betas, device_type):

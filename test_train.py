@@ -553,6 +553,45 @@ def test_resuming_with_other_model_settings_lists_them(dataset, finished, tmp_pa
     assert sorted(train_losses(out)) == list(range(1, 13))
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["model_config"].update(n_experts=4), "model_config has the unknown settings n_experts;"),
+    (lambda c: c["model_config"].pop("lh_rope"), "model_config lacks lh_rope;"),
+    (lambda c: c.update(model_config=None), "model_config lacks block_size, vocab_size, n_layer"),
+    (lambda c: c["model"].pop("norm.weight"), "its weights do not fit its model_config: .*norm.weight"),
+], ids=["unknown", "missing", "none", "weights"])
+def test_a_checkpoint_of_another_version_is_named(dataset, finished, tmp_path, change, message):
+    """A checkpoint whose model_config or weights do not fit this model.py: CheckpointError with the
+    difference, for the trainer's resume and for GPT.from_checkpoint (sample.py, eval_long.py)."""
+    out = copy_run(finished, tmp_path)
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        ckpt = load_checkpoint(str(out / name))
+        change(ckpt)
+        torch.save(ckpt, out / name)
+    with pytest.raises(model.CheckpointError, match=f"{out}/ckpt.pt.* {message}"):
+        GPT.from_checkpoint(str(out / "ckpt.pt"))
+    with pytest.raises(train.ConfigError, match=f"{out}/ckpt.pt.* {message}"):
+        run(dataset, out, init_from="resume")
+
+
+def test_generate_gives_back_the_attention_mode_when_stopped():
+    """A Ctrl-C (or any error) while sampling leaves the model in the mode it was in, not dense."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                          ffn_hidden=64, lh_levels=2, lh_pool=4, lh_topk=128))
+    model.set_attention("lighthouse")
+    calls = []
+
+    def stop_at_the_third_token(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    model.lm_head.register_forward_hook(stop_at_the_third_token)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(torch.randint(0, 257, (1, 5)), 10)
+    assert model.mode == "lighthouse" and [b.attn.use_lighthouse for b in model.blocks] == [True, False]
+
+
 class RunsCode:
     """Unpickling this creates a file: what a malicious checkpoint could do."""
 

@@ -429,7 +429,10 @@ class Run:
         """Continue from out_dir's checkpoint: weights, optimizer, progress, data stream and RNG."""
         ckpt, path = load_resume_checkpoint(self.config["out_dir"])
         check_same_model(ckpt["model_config"], self.raw_model.model_config(), path)
-        self.raw_model.load_state_dict(ckpt["model"])
+        try:
+            self.raw_model.load_weights(ckpt, path)
+        except CheckpointError as e:
+            raise ConfigError(f"{e}\nstart over with --init_from=scratch (or another out_dir)") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = ckpt["state"]
         # the same global batches follow, whatever the number of processes now
