@@ -236,6 +236,18 @@ def test_dense_model_is_causal():
     (dict(eval_iters=0), "eval_iters must be >= 1"),
     (dict(out_dir=__file__), "is a file, not a folder"),
     (dict(device="gpu"), "device must be"),
+    (dict(grad_clip=-1.0), r"grad_clip must be >= 0, got -1.0 \(grad_clip: .*0 disables clipping"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
+    (dict(beta1=1.5), r"beta1 must be in \[0, 1\), got 1.5"),
+    (dict(beta2=-1.0), r"beta2 must be in \[0, 1\), got -1.0"),
+    (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),  # not a complaint about min_lr
+    (dict(min_lr=0.1), r"min_lr \(0.1\) must not be above learning_rate \(0.01\)"),
+    (dict(learning_rate=float("inf")), "learning_rate must be a finite number"),
+    (dict(dense_layers=[0, 1]), r"dense_layers=\[0, 1\] lists all 2 layers: none is left to run Lighthouse"),
+    (dict(dense_layers=[0, -1]), r"dense_layers=\[0, -1\] lists all 2 layers"),  # -1 is layer 1
+    (dict(dense_layers=[True]), "dense_layers entry True is not a layer index"),
+    (dict(lh_pool=3), "the Lighthouse layer at .*lh_pool=3.*: pool must be a power of two"),
+    (dict(out_dir=""), "out_dir must be a non-empty name"),
 ])
 def test_bad_config_fails_before_training(dataset, overrides, message):
     config = dict(train.DEFAULTS, **TINY, dataset=dataset)
@@ -243,6 +255,38 @@ def test_bad_config_fails_before_training(dataset, overrides, message):
     with pytest.raises(train.ConfigError, match=message):
         train.validate(config)
         train.check_data(config)
+
+
+def test_a_dense_layer_listed_twice_leaves_the_others_lighthouse(dataset):
+    config = dict(train.DEFAULTS, **TINY, dataset=dataset)
+    config.update(n_layer=3, dense_layers=[2, -1])
+    train.validate(config)
+    assert GPT(GPTConfig.from_settings(dict(config, vocab_size=257))).lighthouse_layers() == [0, 1]
+
+
+NUMBERS = [key for key, value in train.DEFAULTS.items() if type(value) in (int, float)]
+
+
+@pytest.mark.parametrize("key", NUMBERS)
+def test_every_number_is_range_checked(dataset, key):
+    """Every numeric key refuses -1 (and, for a float, inf and nan) with a message that names it.
+    (lh_dilation is used, and so checked, only by the dilated scorer.)"""
+    config = dict(train.DEFAULTS, **TINY, dataset=dataset, lh_scorer="dilated" if key == "lh_dilation" else "norm")
+    bad = [-1] if type(train.DEFAULTS[key]) is int else [-1.0, float("inf"), float("nan")]
+    for value in bad:
+        with pytest.raises(train.ConfigError, match=key):
+            train.validate(dict(config, **{key: value}))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["config/quick_cpu.py", "--help"], ["--batch_size=2", "-h"]])
+def test_help_anywhere_lists_every_key_with_its_default_and_meaning(argv, capsys):
+    assert train.main(argv) is None
+    out = capsys.readouterr().out
+    assert out.startswith(train.__doc__.strip())
+    for key, value in train.DEFAULTS.items():
+        shown = f"{value:g}" if type(value) is float else str(value)
+        assert re.search(rf"^  --{key}={re.escape(shown)} +{re.escape(train.MEANINGS[key])}$", out, re.M), key
+    assert "0 disables clipping" in out and "share the token embedding with the output layer" in out
 
 
 def test_lighthouse_rules_are_skipped_for_the_dense_baseline(dataset):

@@ -42,43 +42,48 @@ import prepare_data
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint, read_config_file
 
 # -----------------------------------------------------------------------------
-# Every key a config file or --key=value may set, with its default (and so its type). The defaults
-# are config/quick_cpu.py's run, written to out/, so that `python train.py` alone works.
-TRAINER_DEFAULTS = dict(
+# Every key a config file or --key=value may set: (its default, and so its type; what it means).
+# --help prints them. The defaults are config/quick_cpu.py's run, written to out/, so that
+# `python train.py` alone works.
+TRAINER_SETTINGS = dict(
     # I/O
-    out_dir="out",  # checkpoints and metrics.jsonl
-    init_from="scratch",  # 'scratch' (starts over: replaces out_dir's checkpoints and metrics) or 'resume'
-    eval_interval=60,  # iterations between validation runs
-    eval_iters=8,  # batches per validation run
-    log_interval=20,  # iterations between log lines / metrics records
-    ckpt_interval=60,  # iterations between checkpoints (also written at the switch and the end; 0: only those)
-    sample_at_end=True,  # print a short sample from the final dense model
+    out_dir=("out", "folder for the checkpoints and metrics.jsonl"),
+    init_from=("scratch", "'scratch' (starts over: replaces out_dir's checkpoints and metrics) or 'resume'"),
+    eval_interval=(60, "iterations between validation runs"),
+    eval_iters=(8, "batches per validation run"),
+    log_interval=(20, "iterations between log lines / metrics records"),
+    ckpt_interval=(60, "iterations between checkpoints (also written at the switch and the end; 0: only those)"),
+    sample_at_end=(True, "print a short sample from the final dense model"),
     # data
-    dataset="shakespeare_bytes",  # folder under data/ (or a path) with train.bin, val.bin, meta.json
-    batch_size=4,  # sequences per micro-step (per GPU)
-    gradient_accumulation_steps=1,  # micro-steps per iteration, summed over all GPUs
+    dataset=("shakespeare_bytes", "folder under data/ (or a path) with train.bin, val.bin, meta.json"),
+    batch_size=(4, "sequences per micro-step (per GPU)"),
+    gradient_accumulation_steps=(1, "micro-steps per iteration, summed over all GPUs"),
     # the two phases
-    lighthouse_iters=240,  # phase 1: Lighthouse attention (0 = dense baseline)
-    recovery_iters=120,  # phase 2: dense attention everywhere
+    lighthouse_iters=(240, "phase 1: iterations with Lighthouse attention (0 = dense baseline)"),
+    recovery_iters=(120, "phase 2: iterations with dense attention everywhere"),
     # optimizer (AdamW); the LR schedule spans both phases
-    learning_rate=3e-3,
-    lr_schedule="constant",  # 'constant' after warmup (the paper) or 'cosine' down to min_lr
-    warmup_iters=30,
-    min_lr=1e-4,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,  # 0 disables clipping
+    learning_rate=(3e-3, "the peak learning rate, reached at the end of warmup"),
+    lr_schedule=("constant", "'constant' after warmup (the paper) or 'cosine' down to min_lr at the last iteration"),
+    warmup_iters=(30, "iterations of linear warmup up to learning_rate"),
+    min_lr=(1e-4, "the learning rate the cosine schedule ends at"),
+    weight_decay=(0.1, "AdamW's decoupled weight decay, on the weight matrices (not the norms' gains)"),
+    beta1=(0.9, "AdamW's decay of its running mean of gradients"),
+    beta2=(0.95, "AdamW's decay of its running mean of squared gradients"),
+    grad_clip=(1.0, "largest gradient norm, larger ones are scaled down to it (0 disables clipping)"),
     # system
-    device="auto",  # 'auto' = cuda if available, else cpu
-    compile="auto",  # torch.compile the model: 'auto' = on CUDA only, or True / False
-    seed=1337,
-    peak_flops=989e12,  # for MFU: dense bf16 peak of one H100 SXM
+    device=("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:<n>'"),
+    compile=("auto", "torch.compile the model: 'auto' = on CUDA only, or True / False"),
+    seed=(1337, "seeds the weights' initialization and the stream of training batches"),
+    peak_flops=(989e12, "the device's peak FLOP/s, for MFU (default: dense bf16 of one H100 SXM)"),
 )
-# The model's keys are GPTConfig's fields (model.py), with its defaults; vocab_size comes from the
-# data's meta.json. Taken from the dataclass, so no model setting can be missing here.
-MODEL_DEFAULTS = {k: v for k, v in dataclasses.asdict(GPTConfig()).items() if k != "vocab_size"}
+TRAINER_DEFAULTS = {key: default for key, (default, meaning) in TRAINER_SETTINGS.items()}
+# The model's keys are GPTConfig's fields (model.py), with its defaults and meanings; vocab_size comes
+# from the data's meta.json. Taken from the dataclass, so no model setting can be missing here.
+MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+MODEL_DEFAULTS = {f.name: getattr(GPTConfig(), f.name) for f in MODEL_FIELDS}
 DEFAULTS = {**TRAINER_DEFAULTS, **MODEL_DEFAULTS}
+MEANINGS = {**{key: meaning for key, (default, meaning) in TRAINER_SETTINGS.items()},
+            **{f.name: f.metadata["meaning"] for f in MODEL_FIELDS}}
 # Keys that take one of a fixed set of values (any other key: a value of its default's type).
 CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine"), lh_scorer=("norm", "dilated"),
                lh_rope=("before_pool", "span_end"), compile=("auto", True, False))
@@ -144,15 +149,30 @@ def data_dir(config):
     return os.path.join(prepare_data.DATA_DIR, config["dataset"])
 
 
+# The values each trainer key may take (the model's keys: GPTConfig.check). validate() checks these
+# first, then the rules that involve several keys.
+RANGES = [  # (what the value must be, the test, the keys)
+    ("a non-empty name", lambda v: v != "", ("out_dir", "dataset")),
+    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size",
+                                "gradient_accumulation_steps")),
+    (">= 0", lambda v: v >= 0, ("ckpt_interval", "lighthouse_iters", "recovery_iters", "warmup_iters", "min_lr",
+                                "weight_decay", "grad_clip")),
+    ("> 0", lambda v: v > 0, ("learning_rate", "peak_flops")),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2")),
+    ("in [0, 2**64)", lambda v: 0 <= v < 2**64, ("seed",)),  # torch's seeds (a negative one aliases a large one)
+]
+
+
 def validate(config, world_size=1):
     """Raise ConfigError, saying what to change, for any setting that would fail later. Writes nothing."""
     c = config
-    for key in ("lighthouse_iters", "recovery_iters", "warmup_iters", "ckpt_interval"):
-        if c[key] < 0:
-            raise ConfigError(f"{key} must be >= 0 (got {c[key]})")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if c[key] < 1:
-            raise ConfigError(f"{key} must be >= 1 (got {c[key]})")
+    for key, value in c.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number (got {value})")
+    for rule, test, keys in RANGES:
+        for key in keys:
+            if not test(c[key]):
+                raise ConfigError(f"{key} must be {rule}, got {c[key]!r} ({key}: {MEANINGS[key]})")
     if c["lighthouse_iters"] + c["recovery_iters"] == 0:
         raise ConfigError("lighthouse_iters + recovery_iters is 0: nothing to train")
     try:  # the model's own rules, and the Lighthouse layer's if there is a Lighthouse phase
@@ -162,8 +182,8 @@ def validate(config, world_size=1):
     if c["gradient_accumulation_steps"] % world_size:
         raise ConfigError(f"gradient_accumulation_steps ({c['gradient_accumulation_steps']}) must be a multiple "
                           f"of the number of processes ({world_size})")
-    if not 0 <= c["min_lr"] <= c["learning_rate"]:
-        raise ConfigError(f"min_lr ({c['min_lr']}) must be between 0 and learning_rate ({c['learning_rate']})")
+    if c["min_lr"] > c["learning_rate"]:
+        raise ConfigError(f"min_lr ({c['min_lr']}) must not be above learning_rate ({c['learning_rate']})")
     if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
         raise ConfigError(f"out_dir {c['out_dir']} is a file, not a folder; choose another out_dir")
     if c["init_from"] == "resume" and not any(os.path.exists(p) for p in checkpoint_paths(c["out_dir"])):
@@ -685,11 +705,22 @@ def train(config):
         return summary
 
 
+def print_help():
+    """The docstring, then every key with its default and what it means."""
+    print(__doc__.strip())
+    print("\nSettings, each as --key=default and what it means (a config file sets them as key = value):")
+    shown = {key: f"--{key}={value:g}" if type(value) is float else f"--{key}={value}" for key, value in DEFAULTS.items()}
+    width = max(map(len, shown.values()))
+    for title, keys in (("training", TRAINER_DEFAULTS), ("model (model.py's GPTConfig)", MODEL_DEFAULTS)):
+        print(f"{title}:")
+        for key in keys:
+            print(f"  {shown[key]:<{width}}  {MEANINGS[key]}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\nkeys and their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in DEFAULTS.items()))
+    if "-h" in argv or "--help" in argv:
+        print_help()
         return None
     try:
         summary = train(load_config(argv))
