@@ -124,6 +124,34 @@ def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, k
     assert evals == expected_evals
 
 
+def test_learning_rate_warmup_then_constant_or_cosine():
+    """Hand-computed: peak 1e-2, min 1e-3, 2 warmup iterations, 11 iterations in all (0..10), so the
+    cosine runs over iterations 2..10, a quarter of its way (pi/4) at iteration 4."""
+    config = dict(train.DEFAULTS, learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, lighthouse_iters=5,
+                  recovery_iters=6)
+    lr = {it: train.learning_rate(it, dict(config, lr_schedule="cosine")) for it in range(12)}
+    assert lr[0] == pytest.approx(5e-3) and lr[1] == pytest.approx(1e-2)  # warmup: 1/2, then 2/2 of the peak
+    assert lr[2] == pytest.approx(1e-2)
+    assert lr[4] == pytest.approx(8.681981e-3)  # 1e-3 + 9e-3 * (1 + cos(pi/4)) / 2
+    assert lr[6] == pytest.approx(5.5e-3)  # halfway
+    assert lr[8] == pytest.approx(2.318019e-3)  # 1e-3 + 9e-3 * (1 - cos(pi/4)) / 2
+    assert lr[10] == pytest.approx(1e-3) and lr[11] == pytest.approx(1e-3)  # min_lr at the last iteration
+    assert all(lr[it] > lr[it + 1] for it in range(2, 10))
+    constant = [train.learning_rate(it, config) for it in (0, 1, 2, 10, 100)]
+    assert constant == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2, 1e-2])
+    assert train.learning_rate(0, dict(config, warmup_iters=0)) == pytest.approx(1e-2)
+
+
+def test_training_uses_the_schedule(dataset, tmp_path):
+    """The lr logged with each step is the schedule's: warmup, then cosine down to min_lr in the last step."""
+    run(dataset, tmp_path, lr_schedule="cosine", min_lr=1e-4, eval_interval=100)
+    lr = {r["iter"]: r["lr"] for r in records(tmp_path) if "lr" in r}  # iteration i is logged as iter i + 1
+    assert sorted(lr) == list(range(1, 11))
+    assert lr[1] == pytest.approx(5e-3) and lr[2] == lr[3] == pytest.approx(1e-2)
+    assert lr[10] == pytest.approx(1e-4)
+    assert all(lr[i] > lr[i + 1] for i in range(3, 10))
+
+
 def test_state_dict_is_the_same_in_both_modes():
     torch.manual_seed(0)
     config = GPTConfig(block_size=512, vocab_size=257, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,

@@ -263,14 +263,15 @@ def check_data(config):
 
 
 def learning_rate(it, config):
-    """Linear warmup, then constant or cosine decay to min_lr over both phases."""
+    """The learning rate of iteration `it` (0, 1, ...): linear warmup, then constant, or cosine decay
+    over both phases to min_lr at the last iteration."""
     lr, warmup = config["learning_rate"], config["warmup_iters"]
     if it < warmup:
         return lr * (it + 1) / warmup
     if config["lr_schedule"] == "constant":
         return lr
-    total = config["lighthouse_iters"] + config["recovery_iters"]
-    progress = (it - warmup) / max(1, total - warmup)
+    last = config["lighthouse_iters"] + config["recovery_iters"] - 1
+    progress = (it - warmup) / max(1, last - warmup)  # 0 after warmup, 1 at the last iteration
     return config["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - config["min_lr"])
 
 
