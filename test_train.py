@@ -664,6 +664,55 @@ def test_generate_gives_back_the_attention_mode_when_stopped():
     assert model.mode == "lighthouse" and [b.attn.use_lighthouse for b in model.blocks] == [True, False]
 
 
+def test_resuming_with_other_training_settings_lists_them(dataset, finished, tmp_path, capsys):
+    """Another data folder, learning rate and batch size are refused, each listed; --allow_changes=True
+    lists them as a warning and goes on with them (the optimizer too: its weight decay is this run's)."""
+    out = copy_run(finished, tmp_path)
+    other_data = shutil.copytree(dataset, tmp_path / "other_data")
+    changes = dict(learning_rate=0.05, batch_size=1, weight_decay=0.2)
+    listed = (rf"  dataset: '{dataset}' in the checkpoint, '{other_data}' asked\n"
+              rf"  batch_size: 2 in the checkpoint, 1 asked\n"
+              rf"  learning_rate: 0.01 in the checkpoint, 0.05 asked\n"
+              rf"  weight_decay: 0.1 in the checkpoint, 0.2 asked\n")
+    with pytest.raises(train.ConfigError, match=f"(?s){out}/ckpt.pt was trained with other settings:\n{listed}"
+                                                f"resume with the settings it was trained with, or pass "
+                                                f"--allow_changes=True"):
+        run(str(other_data), out, init_from="resume", recovery_iters=6, **changes)
+    assert untimed_records(out) == untimed_records(finished)  # refused before anything was written
+    run(str(other_data), out, init_from="resume", recovery_iters=6, allow_changes=True, **changes)
+    assert re.search(f"warning: resuming {out}/ckpt.pt with other settings \\(allow_changes=True\\):\n{listed}",
+                     capsys.readouterr().out)
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["state"]["iter"] == 12 and ckpt["config"]["learning_rate"] == 0.05
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.2  # not the checkpoint's 0.1
+
+
+def test_resuming_may_change_what_is_measured_and_train_on(dataset, finished, tmp_path, capsys):
+    """Intervals, eval_iters, the sample, compile, peak_flops, out_dir (the copy) and memory settings
+    change nothing in the training; a longer recovery phase trains on (constant schedule)."""
+    out = copy_run(finished, tmp_path)
+    run(dataset, out, init_from="resume", recovery_iters=6, eval_interval=3, eval_iters=1, log_interval=2,
+        ckpt_interval=0, sample_at_end=True, compile=False, peak_flops=1e12, activation_checkpointing=True)
+    assert "warning" not in capsys.readouterr().out
+    assert load_checkpoint(str(out / "ckpt.pt"))["state"]["iter"] == 12
+
+
+def test_a_longer_cosine_run_says_what_its_schedule_does(dataset, tmp_path, capsys):
+    """Raising recovery_iters stretches the cosine decay: the learning rate rises again from min_lr.
+    That is a change of schedule, refused unless allowed. Hand-computed: peak 1e-2, min 1e-4, warmup 2;
+    at iteration 10 of 12 (0..11) the decay is at 8/9 of its way: 1e-4 + 9.9e-3 (1 + cos(8 pi / 9)) / 2."""
+    run(dataset, tmp_path, lr_schedule="cosine", min_lr=1e-4)
+    run(dataset, tmp_path, init_from="resume", lr_schedule="cosine", min_lr=1e-4)
+    assert "and pass --allow_changes=True: the cosine decay then stretches" in capsys.readouterr().out
+    with pytest.raises(train.ConfigError, match=r"lighthouse_iters \+ recovery_iters: 10 in the checkpoint, 12 asked: "
+                                                r"the cosine decay stretches over the new length, so the learning "
+                                                r"rate at iteration 10 is 0.000399, not 0.0001"):
+        run(dataset, tmp_path, init_from="resume", lr_schedule="cosine", min_lr=1e-4, recovery_iters=6)
+    run(dataset, tmp_path, init_from="resume", lr_schedule="cosine", min_lr=1e-4, recovery_iters=6,
+        allow_changes=True)
+    assert records(tmp_path)[-2]["lr"] == pytest.approx(1e-4)  # the new last iteration: min_lr again
+
+
 class RunsCode:
     """Unpickling this creates a file: what a malicious checkpoint could do."""
 

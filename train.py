@@ -49,6 +49,7 @@ TRAINER_SETTINGS = dict(
     # I/O
     out_dir=("out", "folder for the checkpoints and metrics.jsonl"),
     init_from=("scratch", "'scratch' (starts over: replaces out_dir's checkpoints and metrics) or 'resume'"),
+    allow_changes=(False, "resume even with training settings other than the checkpoint's (they are listed)"),
     eval_interval=(60, "iterations between validation runs"),
     eval_iters=(8, "batches per validation run"),
     log_interval=(20, "iterations between log lines / metrics records"),
@@ -87,8 +88,13 @@ MEANINGS = {**{key: meaning for key, (default, meaning) in TRAINER_SETTINGS.item
 # Keys that take one of a fixed set of values (any other key: a value of its default's type).
 CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine"), lh_scorer=("norm", "dilated"),
                lh_rope=("before_pool", "span_end"), compile=("auto", True, False))
-# Model settings a resumed run may change: they change memory use, not the model or its training.
-CHANGEABLE_ON_RESUME = ("activation_checkpointing", "checkpoint_keep_attention")
+# Settings a resumed run may change freely: where the output goes, how often it is measured, the
+# device, speed and memory use, not the model or its training. recovery_iters may change too, to
+# train on (but with the cosine schedule that changes the schedule: see training_changes). Any other
+# change is refused unless allow_changes=True.
+CHANGEABLE_ON_RESUME = ("out_dir", "init_from", "allow_changes", "eval_interval", "eval_iters", "log_interval",
+                        "ckpt_interval", "sample_at_end", "device", "compile", "peak_flops", "recovery_iters",
+                        "activation_checkpointing", "checkpoint_keep_attention")
 
 
 class ConfigError(ValueError):
@@ -349,6 +355,22 @@ def check_same_model(saved, asked, path):
                           f"--init_from=scratch in another out_dir")
 
 
+def training_changes(ckpt, config):
+    """The training settings of this run that differ from the checkpoint's, one line each. (The
+    seed too: it changes nothing on a resume, but it is the run's record of which seed it is.)"""
+    saved = dict(ckpt["config"], dataset=ckpt.get("data_dir"))  # the data folder, not the name typed
+    asked = dict(config, dataset=os.path.abspath(data_dir(config)))
+    changes = [f"{k}: {saved.get(k)!r} in the checkpoint, {asked[k]!r} asked" for k in TRAINER_DEFAULTS
+               if k not in CHANGEABLE_ON_RESUME and saved.get(k) != asked[k]]
+    it = ckpt["state"]["iter"]
+    old_total, new_total = (c["lighthouse_iters"] + c["recovery_iters"] for c in (saved, asked))
+    if config["lr_schedule"] == "cosine" and new_total != old_total:
+        changes.append(f"lighthouse_iters + recovery_iters: {old_total} in the checkpoint, {new_total} asked: the "
+                       f"cosine decay stretches over the new length, so the learning rate at iteration {it} is "
+                       f"{learning_rate(it, asked):.3g}, not {learning_rate(it, saved):.3g}")
+    return changes
+
+
 # -----------------------------------------------------------------------------
 # The run
 
@@ -450,11 +472,20 @@ class Run:
         """Continue from out_dir's checkpoint: weights, optimizer, progress, data stream and RNG."""
         ckpt, path = load_resume_checkpoint(self.config["out_dir"])
         check_same_model(ckpt["model_config"], self.raw_model.model_config(), path)
+        changes = "".join(f"\n  {line}" for line in training_changes(ckpt, self.config))
+        if changes and not self.config["allow_changes"]:
+            raise ConfigError(f"{path} was trained with other settings:{changes}\nresume with the settings it was "
+                              f"trained with, or pass --allow_changes=True to go on with these")
+        if changes and self.procs.master:
+            print(f"warning: resuming {path} with other settings (allow_changes=True):{changes}")
         try:
             self.raw_model.load_weights(ckpt, path)
         except CheckpointError as e:
             raise ConfigError(f"{e}\nstart over with --init_from=scratch (or another out_dir)") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        asked = [dict(betas=g["betas"], weight_decay=g["weight_decay"]) for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # (this brings the checkpoint's betas and weight decay)
+        for group, settings in zip(self.optimizer.param_groups, asked):
+            group.update(settings)  # this run's (the same, unless allow_changes let them change)
         self.state = ckpt["state"]
         # the same global batches follow, whatever the number of processes now
         self.train_batches.generator.set_state(ckpt["data_generator"])
@@ -660,6 +691,9 @@ def train(config):
             if procs.master:
                 print(f"the run in {config['out_dir']} is already finished at iteration {run.state['iter']} "
                       f"(lighthouse_iters + recovery_iters = {run.total}); to train on, raise recovery_iters")
+                if config["lr_schedule"] == "cosine":
+                    print("(and pass --allow_changes=True: the cosine decay then stretches over the new length, "
+                          "so the learning rate rises from min_lr again)")
             return run.summary()
         run.start()
 
