@@ -93,8 +93,8 @@ class GPTConfig:
                                         self.n_kv_head, scorer=self.lh_scorer, dilation=self.lh_dilation)
             except ValueError as e:  # its message names the layer's arguments: say which keys they are
                 raise ValueError(f"the Lighthouse layer at lh_levels={self.lh_levels}, lh_pool={self.lh_pool}, "
-                                 f"lh_topk={self.lh_topk}, lh_scorer={self.lh_scorer!r}, lh_dilation={self.lh_dilation}, "
-                                 f"block_size={self.block_size}: {e}") from None
+                                 f"lh_topk={self.lh_topk}, lh_scorer={self.lh_scorer!r}, "
+                                 f"lh_dilation={self.lh_dilation}, block_size={self.block_size}: {e}") from None
             if self.lh_rope not in ("before_pool", "span_end"):
                 raise ValueError(f"lh_rope must be 'before_pool' or 'span_end' (got {self.lh_rope!r})")
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +88,32 @@ def test_two_phases_switch_and_learn(dataset, tmp_path):
     assert summary["final_val_loss"] == evals[-1]["val_loss"] and evals[-1]["iter"] == 10
     assert set(summary["tok_per_s"]) == {"lighthouse", "dense"}
     assert os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_phase_rates_leave_out_the_first_step(dataset, tmp_path, monkeypatch, capsys):
+    """The first step of each phase compiles (on a GPU): here it is made 0.5 s slower. The summary
+    times it apart, and its steady rate is the log lines' after the phase's first (one step each)."""
+    slow, original = set(), train.Run.step
+
+    def first_step_slow(run, ctrl_c):
+        if run.raw_model.mode not in slow:
+            slow.add(run.raw_model.mode)
+            time.sleep(0.5)
+        return original(run, ctrl_c)
+
+    monkeypatch.setattr(train.Run, "step", first_step_slow)
+    summary = run(dataset, tmp_path)
+    tokens_per_step = TINY["batch_size"] * TINY["block_size"]
+    for phase in ("lighthouse", "dense"):
+        assert summary["first_step_seconds"][phase] >= 0.5
+        steady = [r for r in records(tmp_path) if r["phase"] == phase and "tok_per_s" in r][1:]
+        seconds = sum(tokens_per_step / r["tok_per_s"] for r in steady)
+        assert summary["tok_per_s"][phase] == pytest.approx(tokens_per_step * len(steady) / seconds, rel=0.05)
+    printed = capsys.readouterr().out
+    for phase in ("lighthouse", "dense"):
+        first, rate = summary["first_step_seconds"][phase], summary["tok_per_s"][phase]
+        assert re.search(rf"^  {phase} phase: \d+ s = {first:.1f} s in its first step \(compilation, warm-up\) "
+                         rf"\+ \d+ s at {rate:,.0f} tok/s \(steady\)$", printed, re.M), printed
 
 
 def test_dense_baseline_has_no_lighthouse_phase(dataset, tmp_path):
@@ -523,10 +550,11 @@ def test_ddp_a_failure_on_rank_0_ends_every_rank(dataset, tmp_path, work, messag
     if work == "download":
         args = [str(tmp_path / "data"), *args, "--dataset=shakespeare_bytes"]  # the default data, not yet there
     code = "import sys\nimport train\n" + RANK_0_FAILS[work] + "train.main(sys.argv[1:])"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         errors = [proc.communicate(timeout=120)[1] for proc in procs]
     finally:

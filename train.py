@@ -488,13 +488,17 @@ class Run:
         self.train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"],
                                      procs.rank, procs.world_size)
         # the progress a checkpoint carries
+        # (first_step_*: the first step of each phase in each process start, which compiles and warms up)
         self.state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds={"lighthouse": 0.0, "dense": 0.0},
-                          phase_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
+                          phase_tokens={"lighthouse": 0, "dense": 0},
+                          first_step_seconds={"lighthouse": 0.0, "dense": 0.0},
+                          first_step_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
                           metrics_lines=0)
         self.keep_previous = False  # is out_dir's ckpt.pt a good checkpoint of this run (see save_checkpoint)?
         self.metrics_path = os.path.join(config["out_dir"], "metrics.jsonl")
         self.window_seconds, self.window_tokens = 0.0, 0  # since the last log line, for its tok/s
         self.clock_started = None  # when training time last started to count (see off_the_clock)
+        self.phases_begun = set()  # the phases this process has run a step of (see time_first_step)
 
     def resume(self):
         """Continue from out_dir's checkpoint: weights, optimizer, progress, data stream and RNG."""
@@ -514,7 +518,7 @@ class Run:
         self.optimizer.load_state_dict(ckpt["optimizer"])  # (this brings the checkpoint's betas and weight decay)
         for group, settings in zip(self.optimizer.param_groups, asked):
             group.update(settings)  # this run's (the same, unless allow_changes let them change)
-        self.state = ckpt["state"]
+        self.state = {**self.state, **ckpt["state"]}  # (an older checkpoint lacks the first_step_* counters)
         # the same global batches follow, whatever the number of processes now
         self.train_batches.generator.set_state(ckpt["data_generator"])
         torch.set_rng_state(ckpt["rng_state"])
@@ -642,16 +646,26 @@ class Run:
     def off_the_clock(self, phase):
         """Around everything that is not a training step (log lines, evaluations, checkpoints, the
         switch): wait for the GPU to finish the queued steps, add the time since the clock last
-        started to the training time of `phase`, and restart the clock afterwards. Between these
-        points the CPU never waits for the GPU: it queues the next step while the GPU runs this one."""
+        started to the training time of `phase` (and give it to the caller), and restart the clock
+        afterwards. Between these points the CPU never waits for the GPU: it queues the next step
+        while the GPU runs this one."""
         if self.device_type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - self.clock_started
         self.state["train_seconds"] += seconds
         self.state["phase_seconds"][phase] += seconds
         self.window_seconds += seconds
-        yield
+        yield seconds
         self.clock_started = time.time()
+
+    def time_first_step(self, phase):
+        """Right after this process's first step of `phase`, which holds the compilation of the
+        phase's graphs and the warm-up: its time is counted apart too, so that the summary's rates
+        are the steady ones. (The log line's window still includes it.)"""
+        self.phases_begun.add(phase)
+        with self.off_the_clock(phase) as seconds:  # the clock started just before this step
+            self.state["first_step_seconds"][phase] += seconds
+            self.state["first_step_tokens"][phase] += self.tokens_per_iter
 
     def log_due(self):
         return self.state["iter"] % self.config["log_interval"] == 0 or self.state["iter"] == self.total
@@ -672,18 +686,28 @@ class Run:
         self.window_seconds, self.window_tokens = 0.0, 0
 
     def summary(self, interrupted=False):
-        s = self.state
+        """The run's results. tok_per_s: each phase's steady rate, without its first step(s)."""
+        s, steady = self.state, {}
+        for p in ("lighthouse", "dense"):
+            seconds = s["phase_seconds"][p] - s["first_step_seconds"][p]
+            if seconds > 0:
+                steady[p] = (s["phase_tokens"][p] - s["first_step_tokens"][p]) / seconds
         return dict(final_val_loss=s["last_val_loss"], iter=s["iter"], train_seconds=s["train_seconds"],
-                    tok_per_s={p: s["phase_tokens"][p] / s["phase_seconds"][p]
-                               for p in ("lighthouse", "dense") if s["phase_seconds"][p] > 0},
-                    phase_seconds=s["phase_seconds"], peak_mem_gb=peak_memory_gb(self.device), interrupted=interrupted)
+                    tok_per_s=steady, phase_seconds=s["phase_seconds"], first_step_seconds=s["first_step_seconds"],
+                    peak_mem_gb=peak_memory_gb(self.device), interrupted=interrupted)
 
     def report(self, summary):
         """Rank 0, at the end: the summary and, if asked for, a sample of the final dense model."""
         print(f"done: final val loss (dense) {summary['final_val_loss']:.4f} after {summary['iter']} iterations, "
               f"{summary['train_seconds']:.0f} s of training (eval excluded)")
-        for phase, rate in summary["tok_per_s"].items():
-            print(f"  {phase} phase: {summary['phase_seconds'][phase]:.0f} s, {rate:,.0f} tok/s")
+        for phase, seconds in summary["phase_seconds"].items():
+            if seconds == 0:
+                continue  # a phase that did not run
+            first = summary["first_step_seconds"][phase]  # apart: it holds the compilation
+            line = f"  {phase} phase: {seconds:.0f} s = {first:.1f} s in its first step (compilation, warm-up)"
+            if phase in summary["tok_per_s"]:  # it ran more steps than the first
+                line += f" + {seconds - first:.0f} s at {summary['tok_per_s'][phase]:,.0f} tok/s (steady)"
+            print(line)
         if self.config["sample_at_end"]:
             encode, decode = prepare_data.load_tokenizer(self.meta)
             start = torch.tensor([encode("\n")], dtype=torch.long, device=self.device)  # (1, prompt tokens)
@@ -755,6 +779,8 @@ def train(config):
                         run.evaluate_and_log(phase)
                 lr, train_loss, grad_norm, stop = run.step(ctrl_c)
                 run.count(phase)
+                if phase not in run.phases_begun:
+                    run.time_first_step(phase)
                 if procs.master and run.log_due():
                     with run.off_the_clock(phase):
                         run.log_step(phase, lr, train_loss.item(), grad_norm.item())
@@ -777,7 +803,8 @@ def print_help():
     """The docstring, then every key with its default and what it means."""
     print(__doc__.strip())
     print("\nSettings, each as --key=default and what it means (a config file sets them as key = value):")
-    shown = {key: f"--{key}={value:g}" if type(value) is float else f"--{key}={value}" for key, value in DEFAULTS.items()}
+    shown = {key: f"--{key}={value:g}" if type(value) is float else f"--{key}={value}"
+             for key, value in DEFAULTS.items()}
     width = max(map(len, shown.values()))
     for title, keys in (("training", TRAINER_DEFAULTS), ("model (model.py's GPTConfig)", MODEL_DEFAULTS)):
         print(f"{title}:")
