@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import lighthouse_kernel as lk
 import model
@@ -193,9 +194,79 @@ def test_state_dict_is_the_same_in_both_modes():
     state = model.state_dict()
     assert state.keys() == dense_state.keys() and all(torch.equal(state[k], dense_state[k]) for k in state)
     assert not torch.allclose(model(x)[0], dense_out)  # same weights, different attention
-    # two Lighthouse layers attend over M = 512/4 + 4*128 = 640 entries instead of 512 tokens
-    extra = 2 * 3 * 2 * (640**2 - 512**2) * 2 * 16 / 512
-    assert model.flops_per_token("lighthouse") - model.flops_per_token("dense") == pytest.approx(extra)
+
+
+class CountAttention(TorchDispatchMode):
+    """Records the query shape (B, heads, S, hd) of every attention kernel that really runs forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries = []
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        if op in model.ATTENTION_OPS:
+            self.queries.append(args[0].shape)
+        return op(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["dense", "lighthouse"])
+def test_flops_per_token_is_the_work_a_training_step_runs(mode):
+    """flops_per_token against one forward + backward of the model: its matrix multiplies as torch's
+    FLOP counter measures them, plus each attention kernel it runs, from the shapes it is called
+    with: causal attention over S entries is QK^T and AV with the upper half masked, 2 * S^2 * hd
+    multiply-adds per head, 3 times that with the backward. (The norms' gains, 0.6% of the
+    parameters here, are in flops_per_token's 6 per parameter but run no matrix multiply.)"""
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                        ffn_hidden=64, lh_levels=2, lh_pool=4, lh_topk=128, dense_layers=[0]))
+    net.set_attention(mode)
+    x = torch.randint(0, 257, (1, 513))
+    with FlopCounterMode(display=False) as counter, CountAttention() as attention:
+        net(x[:, :-1], x[:, 1:])[1].backward()
+    assert {op.__name__ for op in counter.get_flop_counts()["Global"]} == {"mm"}  # attention is not in it
+    kernels = [(S, heads * hd) for B, heads, S, hd in attention.queries]
+    # Lighthouse layers (1 and 2) attend over 512/4 + 4*128 = 640 gathered entries, dense ones over 512
+    assert kernels == ([(512, 32)] * 3 if mode == "dense" else [(512, 32), (640, 32), (640, 32)])
+    measured = counter.get_total_flops() + sum(3 * 2 * S * S * width for S, width in kernels)
+    assert net.flops_per_token(mode) * 512 == pytest.approx(measured, rel=0.01)
+
+
+def test_tied_weights_are_one_tensor_through_training(dataset, tmp_path):
+    """tie_weights=True: the output layer's weight is the embedding, one tensor that trains (the run
+    learns), is saved as one and comes back tied from the checkpoint."""
+    run(dataset, tmp_path, tie_weights=True)
+    losses = train_losses(tmp_path)
+    assert losses[10] < losses[1] - 0.5
+    net, ckpt = GPT.from_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert net.lm_head.weight is net.embed.weight
+    assert torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["embed.weight"])  # the same after training
+    untied = GPT(GPTConfig.from_settings(dict(TINY, vocab_size=257)))
+    assert not torch.equal(untied.lm_head.weight, untied.embed.weight)
+    count = sum(p.numel() for p in net.parameters())
+    assert count == sum(p.numel() for p in untied.parameters()) - 257 * TINY["n_embd"]  # one matrix fewer
+
+
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
+def test_gradient_clipping_bounds_the_gradient_adamw_steps_with(dataset, tmp_path, monkeypatch, grad_clip):
+    """grad_clip=0.05 scales every gradient (all larger here: their norms are logged before clipping)
+    down to norm 0.05 before AdamW's step; grad_clip=0 leaves them as they are."""
+    norms, original = [], GPT.configure_optimizer
+
+    def watched(self, *args):
+        optimizer = original(self, *args)
+
+        def before_step(optimizer, args, kwargs):  # the norm of all gradients together
+            grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"]]
+            norms.append(torch.cat(grads).norm().item())
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    monkeypatch.setattr(GPT, "configure_optimizer", watched)
+    run(dataset, tmp_path, grad_clip=grad_clip, lighthouse_iters=3, recovery_iters=2, eval_interval=100)
+    logged = [r["grad_norm"] for r in records(tmp_path) if "grad_norm" in r]
+    assert len(logged) == len(norms) == 5 and min(logged) > 0.1
+    assert norms == pytest.approx([0.05] * 5 if grad_clip else logged, rel=1e-4)
 
 
 def test_lighthouse_model_is_causal():
@@ -287,7 +358,7 @@ def test_dense_model_is_causal():
     (dict(lighthouse_iters=0, recovery_iters=0), "nothing to train"),
     (dict(dataset="/nonexistent/folder"), "train.bin not found"),
     (dict(init_from="resume", out_dir="/nonexistent/out"), "ckpt.pt does not exist"),
-    (dict(n_head=0), "n_head must be >= 1"),  # defect 8
+    (dict(n_head=0), "n_head must be >= 1"),
     (dict(n_embd=0), "n_embd must be >= 1"),
     (dict(eval_iters=0), "eval_iters must be >= 1"),
     (dict(out_dir=__file__), "is a file, not a folder"),
@@ -387,7 +458,8 @@ def test_keys_with_a_fixed_set_of_values(tmp_path):
 
 
 def test_defaults_are_a_valid_run_the_quick_start_one():
-    """Defect 3: `python train.py` alone is config/quick_cpu.py's run, written to out/."""
+    """`python train.py` alone is config/quick_cpu.py's run, written to out/; every model setting is a
+    key with GPTConfig's default."""
     train.validate(dict(train.DEFAULTS))
     model_keys = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
     assert model_keys <= set(train.DEFAULTS)  # every model setting is a key, with GPTConfig's default
@@ -400,13 +472,14 @@ def test_defaults_are_a_valid_run_the_quick_start_one():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_device_without_a_gpu_is_a_config_error(dataset, tmp_path):
-    """Defect 4: the trainer's own message, not a torch traceback from torch.cuda.set_device."""
+    """--device=cuda on a machine without a GPU: the trainer's own message, not a torch traceback from
+    torch.cuda.set_device."""
     with pytest.raises(SystemExit, match="config error: device is cuda but no CUDA GPU is available"):
         train.main([f"--dataset={dataset}", f"--out_dir={tmp_path}", "--device=cuda"])
 
 
 def test_config_file_with_a_syntax_error_is_named(tmp_path):
-    """Defect 8."""
+    """A config file that does not parse: the message names the file and the error."""
     path = tmp_path / "broken.py"
     path.write_text("n_layer = 4\nlearning_rate = 3e-3 +\n")
     with pytest.raises(SystemExit, match=f"config error: config file {path} could not be read: SyntaxError"):
@@ -414,7 +487,7 @@ def test_config_file_with_a_syntax_error_is_named(tmp_path):
 
 
 def test_a_bad_setting_writes_nothing(dataset, tmp_path):
-    """Defect 8: --eval_iters=0 used to fail after start-up, with metrics.jsonl already emptied."""
+    """A bad setting is refused before anything is written: out_dir's metrics.jsonl stays as it was."""
     (tmp_path / "metrics.jsonl").write_text('{"iter": 5}\n')
     with pytest.raises(train.ConfigError, match="eval_iters must be >= 1"):
         run(dataset, tmp_path, eval_iters=0)
@@ -460,7 +533,7 @@ def cut_tokens(name, n):
     (cut_tokens("train.bin", 10), r"train.bin has [\d,]+ tokens, shorter than meta.json says"),
 ])
 def test_bad_data_files_are_named_before_any_work(dataset, tmp_path, damage, message):
-    """Defect 5."""
+    """Damaged or mismatched data files are refused, each with what is wrong, before out_dir is made."""
     folder = tmp_path / "data"
     shutil.copytree(dataset, folder)
     damage(folder)
@@ -613,7 +686,7 @@ def rank_pid(torchrun_pid, rank):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
 def test_ddp_ctrl_c_on_one_rank_stops_all_after_the_same_iteration(dataset, tmp_path):
-    """Defect 9 under torchrun: a SIGINT that reaches only rank 1 still stops rank 0 after the same
+    """Ctrl-C under torchrun: a SIGINT that reaches only rank 1 still stops rank 0 after the same
     iteration (the flag travels with the loss's all_reduce); rank 0 saves that iteration."""
     overrides = {**TINY, "dataset": dataset, "out_dir": tmp_path, "gradient_accumulation_steps": 2,
                  "lighthouse_iters": 0, "recovery_iters": 100000, "ckpt_interval": 0}
@@ -682,7 +755,7 @@ def test_a_new_run_never_keeps_another_runs_checkpoint(dataset, finished, tmp_pa
 
 
 def test_resuming_a_finished_run_adds_nothing(dataset, finished, tmp_path, capsys):
-    """Defect 10: it used to append a duplicate final record to metrics.jsonl."""
+    """Resuming a finished run changes no file (no second final record in metrics.jsonl)."""
     out = copy_run(finished, tmp_path)
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     summary = run(dataset, out, init_from="resume")
@@ -692,7 +765,7 @@ def test_resuming_a_finished_run_adds_nothing(dataset, finished, tmp_path, capsy
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(dataset, finished, tmp_path, capsys):
-    """Defect 6: a truncated ckpt.pt, and the run resumes exactly from ckpt.prev.pt (the switch's, at 6)."""
+    """A truncated ckpt.pt, and the run resumes exactly from ckpt.prev.pt (the switch's, at 6)."""
     out = copy_run(finished, tmp_path)
     (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:100000])
     run(dataset, out, init_from="resume")
@@ -705,7 +778,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(dataset, finished, tm
     (lambda data: bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8)), "not a file written by torch.save"),
 ], ids=["truncated", "empty", "garbage"])
 def test_damaged_checkpoints_are_named(finished, tmp_path, damage, reason):
-    """Defect 6: when neither checkpoint can be used, the error names both, and why."""
+    """When neither checkpoint can be used, the error names both, and why."""
     out = copy_run(finished, tmp_path)
     for name in ("ckpt.pt", "ckpt.prev.pt"):
         (out / name).write_bytes(damage((out / name).read_bytes()))
@@ -716,7 +789,7 @@ def test_damaged_checkpoints_are_named(finished, tmp_path, damage, reason):
 
 
 def test_resuming_with_other_model_settings_lists_them(dataset, finished, tmp_path):
-    """Defect 6: each differing model setting, the checkpoint's value against the asked one."""
+    """Each differing model setting is listed, the checkpoint's value against the asked one."""
     out = copy_run(finished, tmp_path)
     with pytest.raises(train.ConfigError, match=r"(?s)holds a model with other settings:\n"
                                                 r"  n_embd: 32 in the checkpoint, 64 asked\n"
@@ -827,7 +900,8 @@ class RunsCode:
 
 
 def test_a_checkpoint_holding_code_is_refused(dataset, tmp_path):
-    """Defect 13: checkpoints are read with weights_only=True, by the trainer and by sample.py."""
+    """A checkpoint that would run code when unpickled is refused, by the trainer and by sample.py
+    (checkpoints are read with weights_only=True), and the code does not run."""
     marker = tmp_path / "code-ran"
     (tmp_path / "out").mkdir()
     torch.save(dict(model={}, model_config={}, config={}, meta={}, evil=RunsCode(str(marker))),
@@ -858,7 +932,7 @@ def ctrl_c_in_iteration(monkeypatch, iteration, times=1):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, capsys):
-    """Defect 9: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly.
+    """Ctrl-C: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly.
     In the last Lighthouse iteration: the switch is due when the run stops, and must not be lost."""
     iteration = 6
     ctrl_c_in_iteration(monkeypatch, iteration)
