@@ -370,6 +370,7 @@ def test_dense_model_is_causal():
     (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),  # not a complaint about min_lr
     (dict(min_lr=0.1), r"min_lr \(0.1\) must not be above learning_rate \(0.01\)"),
     (dict(learning_rate=float("inf")), "learning_rate must be a finite number"),
+    (dict(weight_decay=100.0), "learning_rate \\* weight_decay = 1 must be below 1"),
     (dict(dense_layers=[0, 1]), r"dense_layers=\[0, 1\] lists all 2 layers: none is left to run Lighthouse"),
     (dict(dense_layers=[0, -1]), r"dense_layers=\[0, -1\] lists all 2 layers"),  # -1 is layer 1
     (dict(dense_layers=[True]), "dense_layers entry True is not a layer index"),

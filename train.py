@@ -190,6 +190,9 @@ def validate(config, world_size=1):
                           f"of the number of processes ({world_size})")
     if c["min_lr"] > c["learning_rate"]:
         raise ConfigError(f"min_lr ({c['min_lr']}) must not be above learning_rate ({c['learning_rate']})")
+    if c["learning_rate"] * c["weight_decay"] >= 1:  # AdamW scales the weights by 1 - lr * weight_decay per step
+        raise ConfigError(f"learning_rate * weight_decay = {c['learning_rate'] * c['weight_decay']:g} must be below 1: "
+                          f"each step multiplies the weights by 1 - that; lower weight_decay")
     if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
         raise ConfigError(f"out_dir {c['out_dir']} is a file, not a folder; choose another out_dir")
     if c["init_from"] == "resume" and not any(os.path.exists(p) for p in checkpoint_paths(c["out_dir"])):
