@@ -807,10 +807,12 @@ def test_resuming_with_other_model_settings_lists_them(dataset, finished, tmp_pa
     (lambda c: c["model_config"].pop("lh_rope"), "model_config lacks lh_rope;"),
     (lambda c: c.update(model_config=None), "model_config lacks block_size, vocab_size, n_layer"),
     (lambda c: c["model"].pop("norm.weight"), "its weights do not fit its model_config: .*norm.weight"),
-], ids=["unknown", "missing", "none", "weights"])
+    (lambda c: c.pop("meta"), "is not a checkpoint written by this version of train.py"),
+], ids=["unknown", "missing", "none", "weights", "no-meta"])
 def test_a_checkpoint_of_another_version_is_named(dataset, finished, tmp_path, change, message):
-    """A checkpoint whose model_config or weights do not fit this model.py: CheckpointError with the
-    difference, for the trainer's resume and for GPT.from_checkpoint (sample.py, eval_long.py)."""
+    """A checkpoint that lacks keys, or whose model_config or weights do not fit this model.py: a
+    CheckpointError that says so, for the trainer's resume and for GPT.from_checkpoint (sample.py,
+    eval_long.py), not a TypeError."""
     out = copy_run(finished, tmp_path)
     for name in ("ckpt.pt", "ckpt.prev.pt"):
         ckpt = load_checkpoint(str(out / name))
