@@ -171,16 +171,6 @@ def test_learning_rate_warmup_then_constant_or_cosine():
     assert train.learning_rate(0, dict(config, warmup_iters=0)) == pytest.approx(1e-2)
 
 
-def test_training_uses_the_schedule(dataset, tmp_path):
-    """The lr logged with each step is the schedule's: warmup, then cosine down to min_lr in the last step."""
-    run(dataset, tmp_path, lr_schedule="cosine", min_lr=1e-4, eval_interval=100)
-    lr = {r["iter"]: r["lr"] for r in records(tmp_path) if "lr" in r}  # iteration i is logged as iter i + 1
-    assert sorted(lr) == list(range(1, 11))
-    assert lr[1] == pytest.approx(5e-3) and lr[2] == lr[3] == pytest.approx(1e-2)
-    assert lr[10] == pytest.approx(1e-4)
-    assert all(lr[i] > lr[i + 1] for i in range(3, 10))
-
-
 def test_state_dict_is_the_same_in_both_modes():
     torch.manual_seed(0)
     config = GPTConfig(block_size=512, vocab_size=257, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
@@ -876,11 +866,17 @@ def test_resuming_may_change_what_is_measured_and_train_on(dataset, finished, tm
     assert load_checkpoint(str(out / "ckpt.pt"))["state"]["iter"] == 12
 
 
-def test_a_longer_cosine_run_says_what_its_schedule_does(dataset, tmp_path, capsys):
-    """Raising recovery_iters stretches the cosine decay: the learning rate rises again from min_lr.
-    That is a change of schedule, refused unless allowed. Hand-computed: peak 1e-2, min 1e-4, warmup 2;
-    at iteration 10 of 12 (0..11) the decay is at 8/9 of its way: 1e-4 + 9.9e-3 (1 + cos(8 pi / 9)) / 2."""
+def test_a_cosine_run_and_its_longer_resume(dataset, tmp_path, capsys):
+    """The lr logged with each step is the schedule's: warmup, then cosine down to min_lr in the last
+    step. Raising recovery_iters afterwards stretches the decay: the learning rate rises again from
+    min_lr. That is a change of schedule, refused unless allowed. Hand-computed: peak 1e-2, min 1e-4,
+    warmup 2; at iteration 10 of 12 (0..11) the decay is 8/9 of its way: 1e-4 + 9.9e-3 (1 + cos(8 pi / 9)) / 2."""
     run(dataset, tmp_path, lr_schedule="cosine", min_lr=1e-4)
+    lr = {r["iter"]: r["lr"] for r in records(tmp_path) if "lr" in r}  # iteration i is logged as iter i + 1
+    assert sorted(lr) == list(range(1, 11))
+    assert lr[1] == pytest.approx(5e-3) and lr[2] == lr[3] == pytest.approx(1e-2)
+    assert lr[10] == pytest.approx(1e-4)
+    assert all(lr[i] > lr[i + 1] for i in range(3, 10))
     run(dataset, tmp_path, init_from="resume", lr_schedule="cosine", min_lr=1e-4)
     assert "and pass --allow_changes=True: the cosine decay then stretches" in capsys.readouterr().out
     with pytest.raises(train.ConfigError, match=r"lighthouse_iters \+ recovery_iters: 10 in the checkpoint, 12 asked: "
