@@ -24,31 +24,40 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from lighthouse_kernel import check_lighthouse_config, gathered_length, lighthouse_attention, rope_rotate
 
 
+def setting(default, meaning):
+    """A GPTConfig field: its default, and what it means (train.py --help prints it)."""
+    if isinstance(default, list):  # a mutable default: every GPTConfig gets its own copy
+        return field(default_factory=lambda: list(default), metadata=dict(meaning=meaning))
+    return field(default=default, metadata=dict(meaning=meaning))
+
+
 @dataclass
 class GPTConfig:
-    """Every model setting, with its default. train.py's model keys are exactly these fields (less
-    vocab_size, which comes from the data), so a setting cannot exist in one place and not the other.
-    The defaults are a tiny byte-level model that trains on a CPU in minutes (config/quick_cpu.py)."""
+    """Every model setting, with its default and meaning. train.py's model keys are exactly these
+    fields (less vocab_size, which comes from the data), so a setting cannot exist in one place and
+    not the other. The defaults are a tiny byte-level model that trains on a CPU in minutes
+    (config/quick_cpu.py)."""
 
-    block_size: int = 1024  # training context length (the RoPE tables cover this many positions)
-    vocab_size: int = 257  # bytes 0..255 and an end-of-document token
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 2  # < n_head: grouped-query attention (a multiple of it: n_head % n_kv_head == 0)
-    n_embd: int = 128
-    ffn_hidden: int = 384  # SwiGLU hidden width
-    rope_theta: float = 10000.0
-    tie_weights: bool = False  # share the token embedding with the output layer
-    dense_layers: list = field(default_factory=lambda: [-1])  # stay dense in the Lighthouse phase
-    lh_levels: int = 2  # Lighthouse pyramid levels L
-    lh_pool: int = 4  # pooling factor p
-    lh_topk: int = 128  # selection budget K (a multiple of 128)
-    lh_scorer: str = "norm"  # 'norm' (max token norms) or 'dilated' (norms of strided attention outputs)
-    lh_dilation: int = 4  # the dilated scorer's stride; block_size must be a multiple of it
-    lh_rope: str = "before_pool"  # 'before_pool' (the paper) or 'span_end' (rotate each selected entry)
-    lh_selection: str = "paper"  # 'paper' (reads ahead within a tile) or 'causal' (cannot read ahead)
-    activation_checkpointing: bool = False  # recompute each block in backward to save memory
-    checkpoint_keep_attention: bool = False  # ... but keep attention's output: faster, B*T*n_embd more bf16 per layer
+    block_size: int = setting(1024, "training context length (the RoPE tables cover this many positions)")
+    vocab_size: int = setting(257, "from the data's meta.json (bytes: 0..255 and an end-of-document token)")
+    n_layer: int = setting(4, "transformer blocks")
+    n_head: int = setting(4, "query heads per attention layer")
+    n_kv_head: int = setting(2, "key/value heads (fewer than n_head: grouped-query attention; must divide n_head)")
+    n_embd: int = setting(128, "width of the residual stream (n_embd / n_head is the head dim, even for RoPE)")
+    ffn_hidden: int = setting(384, "SwiGLU hidden width")
+    rope_theta: float = setting(10000.0, "RoPE base (larger: slower rotations, longer wavelengths)")
+    tie_weights: bool = setting(False, "share the token embedding with the output layer")
+    dense_layers: list = setting([-1], "layers that stay dense in the Lighthouse phase (negative: from the end)")
+    lh_levels: int = setting(2, "Lighthouse pyramid levels L (>= 2)")
+    lh_pool: int = setting(4, "Lighthouse pooling factor p (a power of two)")
+    lh_topk: int = setting(128, "Lighthouse selection budget K (a multiple of 128)")
+    lh_scorer: str = setting("norm", "'norm' (max token norms) or 'dilated' (norms of strided attention outputs)")
+    lh_dilation: int = setting(4, "the dilated scorer's stride; block_size must be a multiple of it")
+    lh_rope: str = setting("before_pool", "'before_pool' (the paper) or 'span_end' (rotate each selected entry)")
+    lh_selection: str = setting("paper", "'paper' (reads ahead within a tile) or 'causal' (ours: cannot read ahead)")
+    activation_checkpointing: bool = setting(False, "recompute each block in backward to save memory")
+    checkpoint_keep_attention: bool = setting(False, "with activation_checkpointing, keep attention's output: "
+                                                     "faster, B*T*n_embd more bf16 per layer")
 
     @classmethod
     def from_settings(cls, settings):
@@ -71,15 +80,23 @@ class GPTConfig:
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be > 0 (got {self.rope_theta})")
         for i in self.dense_layers:
-            if not isinstance(i, int) or not -self.n_layer <= i < self.n_layer:
+            if type(i) is not int or not -self.n_layer <= i < self.n_layer:  # (True is an int, but no index)
                 raise ValueError(f"dense_layers entry {i!r} is not a layer index for n_layer={self.n_layer}")
         if self.checkpoint_keep_attention and not self.activation_checkpointing:
             raise ValueError("checkpoint_keep_attention=True changes what activation checkpointing recomputes: "
                              "set activation_checkpointing=True too, or leave it False")
+        if lighthouse and len({i % self.n_layer for i in self.dense_layers}) == self.n_layer:  # -1 is n_layer-1
+            raise ValueError(f"dense_layers={self.dense_layers} lists all {self.n_layer} layers: none is left "
+                             f"to run Lighthouse attention; list fewer (or train a dense baseline: lighthouse_iters=0)")
         if lighthouse:
-            check_lighthouse_config(self.block_size, self.lh_levels, self.lh_pool, self.lh_topk, self.n_head,
-                                    self.n_kv_head, scorer=self.lh_scorer, dilation=self.lh_dilation,
-                                    selection=self.lh_selection)
+            try:
+                check_lighthouse_config(self.block_size, self.lh_levels, self.lh_pool, self.lh_topk, self.n_head,
+                                        self.n_kv_head, scorer=self.lh_scorer, dilation=self.lh_dilation,
+                                        selection=self.lh_selection)
+            except ValueError as e:  # its message names the layer's arguments: say which keys they are
+                raise ValueError(f"the Lighthouse layer at lh_levels={self.lh_levels}, lh_pool={self.lh_pool}, "
+                                 f"lh_topk={self.lh_topk}, lh_scorer={self.lh_scorer!r}, "
+                                 f"lh_dilation={self.lh_dilation}, block_size={self.block_size}: {e}") from None
             if self.lh_rope not in ("before_pool", "span_end"):
                 raise ValueError(f"lh_rope must be 'before_pool' or 'span_end' (got {self.lh_rope!r})")
 
@@ -124,6 +141,15 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in CHECKPOINT_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint written by this version of train.py "
                               f"(expected the keys {', '.join(CHECKPOINT_KEYS)})")
+    # exactly GPTConfig's fields: a checkpoint of another version of model.py would build another model
+    names = [f.name for f in fields(GPTConfig)]
+    found = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
+    unknown, missing = [n for n in found if n not in names], [n for n in names if n not in found]
+    if unknown or missing:
+        problems = (([f"has the unknown settings {', '.join(unknown)}"] if unknown else [])
+                    + ([f"lacks {', '.join(missing)}"] if missing else []))
+        raise CheckpointError(f"{path} was written by another version of model.py: its model_config "
+                              f"{' and '.join(problems)}; use the version of this code that wrote it")
     return ckpt
 
 
@@ -244,8 +270,16 @@ class GPT(nn.Module):
         Returns (model, checkpoint): the checkpoint's "meta" names the tokenizer, "data_dir" the data."""
         ckpt = load_checkpoint(path, device)
         model = cls(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_weights(ckpt, path)
         return model.to(device).eval(), ckpt
+
+    def load_weights(self, ckpt, path):
+        """The checkpoint's weights, or a CheckpointError naming path if they do not fit this model."""
+        try:
+            self.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # missing, unexpected or misshapen weights
+            reason = " ".join(str(e).split())  # torch's message, on one line
+            raise CheckpointError(f"{path}: its weights do not fit its model_config: {reason}") from None
 
     def model_config(self):
         """The GPTConfig as plain data, as checkpoints store it."""
@@ -296,15 +330,17 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T), always with dense attention."""
         mode = self.mode
         self.set_attention("dense")
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # (B, vocab)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
-        self.set_attention(mode)
+        try:  # the caller's mode comes back even if sampling stops (an error, a Ctrl-C)
+            for _ in range(max_new_tokens):
+                context = idx[:, -self.config.block_size:]
+                logits, _ = self(context)
+                logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # (B, vocab)
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+        finally:
+            self.set_attention(mode)
         return idx
 
     def configure_optimizer(self, learning_rate, weight_decay, betas, device_type):

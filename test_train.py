@@ -9,13 +9,16 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import lighthouse_kernel as lk
 import model
@@ -88,6 +91,32 @@ def test_two_phases_switch_and_learn(dataset, tmp_path):
     assert os.path.exists(tmp_path / "ckpt.pt")
 
 
+def test_phase_rates_leave_out_the_first_step(dataset, tmp_path, monkeypatch, capsys):
+    """The first step of each phase compiles (on a GPU): here it is made 0.5 s slower. The summary
+    times it apart, and its steady rate is the log lines' after the phase's first (one step each)."""
+    slow, original = set(), train.Run.step
+
+    def first_step_slow(run, ctrl_c):
+        if run.raw_model.mode not in slow:
+            slow.add(run.raw_model.mode)
+            time.sleep(0.5)
+        return original(run, ctrl_c)
+
+    monkeypatch.setattr(train.Run, "step", first_step_slow)
+    summary = run(dataset, tmp_path)
+    tokens_per_step = TINY["batch_size"] * TINY["block_size"]
+    for phase in ("lighthouse", "dense"):
+        assert summary["first_step_seconds"][phase] >= 0.5
+        steady = [r for r in records(tmp_path) if r["phase"] == phase and "tok_per_s" in r][1:]
+        seconds = sum(tokens_per_step / r["tok_per_s"] for r in steady)
+        assert summary["tok_per_s"][phase] == pytest.approx(tokens_per_step * len(steady) / seconds, rel=0.05)
+    printed = capsys.readouterr().out
+    for phase in ("lighthouse", "dense"):
+        first, rate = summary["first_step_seconds"][phase], summary["tok_per_s"][phase]
+        assert re.search(rf"^  {phase} phase: \d+ s = {first:.1f} s in its first step \(compilation, warm-up\) "
+                         rf"\+ \d+ s at {rate:,.0f} tok/s \(steady\)$", printed, re.M), printed
+
+
 def test_dense_baseline_has_no_lighthouse_phase(dataset, tmp_path):
     run(dataset, tmp_path, lighthouse_iters=0, recovery_iters=3, eval_interval=100)
     assert {r["phase"] for r in records(tmp_path)} == {"dense"}
@@ -124,6 +153,24 @@ def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, k
     assert evals == expected_evals
 
 
+def test_learning_rate_warmup_then_constant_or_cosine():
+    """Hand-computed: peak 1e-2, min 1e-3, 2 warmup iterations, 11 iterations in all (0..10), so the
+    cosine runs over iterations 2..10, a quarter of its way (pi/4) at iteration 4."""
+    config = dict(train.DEFAULTS, learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, lighthouse_iters=5,
+                  recovery_iters=6)
+    lr = {it: train.learning_rate(it, dict(config, lr_schedule="cosine")) for it in range(12)}
+    assert lr[0] == pytest.approx(5e-3) and lr[1] == pytest.approx(1e-2)  # warmup: 1/2, then 2/2 of the peak
+    assert lr[2] == pytest.approx(1e-2)
+    assert lr[4] == pytest.approx(8.681981e-3)  # 1e-3 + 9e-3 * (1 + cos(pi/4)) / 2
+    assert lr[6] == pytest.approx(5.5e-3)  # halfway
+    assert lr[8] == pytest.approx(2.318019e-3)  # 1e-3 + 9e-3 * (1 - cos(pi/4)) / 2
+    assert lr[10] == pytest.approx(1e-3) and lr[11] == pytest.approx(1e-3)  # min_lr at the last iteration
+    assert all(lr[it] > lr[it + 1] for it in range(2, 10))
+    constant = [train.learning_rate(it, config) for it in (0, 1, 2, 10, 100)]
+    assert constant == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2, 1e-2])
+    assert train.learning_rate(0, dict(config, warmup_iters=0)) == pytest.approx(1e-2)
+
+
 def test_state_dict_is_the_same_in_both_modes():
     torch.manual_seed(0)
     config = GPTConfig(block_size=512, vocab_size=257, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
@@ -137,9 +184,79 @@ def test_state_dict_is_the_same_in_both_modes():
     state = model.state_dict()
     assert state.keys() == dense_state.keys() and all(torch.equal(state[k], dense_state[k]) for k in state)
     assert not torch.allclose(model(x)[0], dense_out)  # same weights, different attention
-    # two Lighthouse layers attend over M = 512/4 + 4*128 = 640 entries instead of 512 tokens
-    extra = 2 * 3 * 2 * (640**2 - 512**2) * 2 * 16 / 512
-    assert model.flops_per_token("lighthouse") - model.flops_per_token("dense") == pytest.approx(extra)
+
+
+class CountAttention(TorchDispatchMode):
+    """Records the query shape (B, heads, S, hd) of every attention kernel that really runs forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries = []
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        if op in model.ATTENTION_OPS:
+            self.queries.append(args[0].shape)
+        return op(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["dense", "lighthouse"])
+def test_flops_per_token_is_the_work_a_training_step_runs(mode):
+    """flops_per_token against one forward + backward of the model: its matrix multiplies as torch's
+    FLOP counter measures them, plus each attention kernel it runs, from the shapes it is called
+    with: causal attention over S entries is QK^T and AV with the upper half masked, 2 * S^2 * hd
+    multiply-adds per head, 3 times that with the backward. (The norms' gains, 0.6% of the
+    parameters here, are in flops_per_token's 6 per parameter but run no matrix multiply.)"""
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                        ffn_hidden=64, lh_levels=2, lh_pool=4, lh_topk=128, dense_layers=[0]))
+    net.set_attention(mode)
+    x = torch.randint(0, 257, (1, 513))
+    with FlopCounterMode(display=False) as counter, CountAttention() as attention:
+        net(x[:, :-1], x[:, 1:])[1].backward()
+    assert {op.__name__ for op in counter.get_flop_counts()["Global"]} == {"mm"}  # attention is not in it
+    kernels = [(S, heads * hd) for B, heads, S, hd in attention.queries]
+    # Lighthouse layers (1 and 2) attend over 512/4 + 4*128 = 640 gathered entries, dense ones over 512
+    assert kernels == ([(512, 32)] * 3 if mode == "dense" else [(512, 32), (640, 32), (640, 32)])
+    measured = counter.get_total_flops() + sum(3 * 2 * S * S * width for S, width in kernels)
+    assert net.flops_per_token(mode) * 512 == pytest.approx(measured, rel=0.01)
+
+
+def test_tied_weights_are_one_tensor_through_training(dataset, tmp_path):
+    """tie_weights=True: the output layer's weight is the embedding, one tensor that trains (the run
+    learns), is saved as one and comes back tied from the checkpoint."""
+    run(dataset, tmp_path, tie_weights=True)
+    losses = train_losses(tmp_path)
+    assert losses[10] < losses[1] - 0.5
+    net, ckpt = GPT.from_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert net.lm_head.weight is net.embed.weight
+    assert torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["embed.weight"])  # the same after training
+    untied = GPT(GPTConfig.from_settings(dict(TINY, vocab_size=257)))
+    assert not torch.equal(untied.lm_head.weight, untied.embed.weight)
+    count = sum(p.numel() for p in net.parameters())
+    assert count == sum(p.numel() for p in untied.parameters()) - 257 * TINY["n_embd"]  # one matrix fewer
+
+
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
+def test_gradient_clipping_bounds_the_gradient_adamw_steps_with(dataset, tmp_path, monkeypatch, grad_clip):
+    """grad_clip=0.05 scales every gradient (all larger here: their norms are logged before clipping)
+    down to norm 0.05 before AdamW's step; grad_clip=0 leaves them as they are."""
+    norms, original = [], GPT.configure_optimizer
+
+    def watched(self, *args):
+        optimizer = original(self, *args)
+
+        def before_step(optimizer, args, kwargs):  # the norm of all gradients together
+            grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"]]
+            norms.append(torch.cat(grads).norm().item())
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    monkeypatch.setattr(GPT, "configure_optimizer", watched)
+    run(dataset, tmp_path, grad_clip=grad_clip, lighthouse_iters=3, recovery_iters=2, eval_interval=100)
+    logged = [r["grad_norm"] for r in records(tmp_path) if "grad_norm" in r]
+    assert len(logged) == len(norms) == 5 and min(logged) > 0.1
+    assert norms == pytest.approx([0.05] * 5 if grad_clip else logged, rel=1e-4)
 
 
 def test_lighthouse_model_is_causal():
@@ -231,11 +348,24 @@ def test_dense_model_is_causal():
     (dict(lighthouse_iters=0, recovery_iters=0), "nothing to train"),
     (dict(dataset="/nonexistent/folder"), "train.bin not found"),
     (dict(init_from="resume", out_dir="/nonexistent/out"), "ckpt.pt does not exist"),
-    (dict(n_head=0), "n_head must be >= 1"),  # defect 8
+    (dict(n_head=0), "n_head must be >= 1"),
     (dict(n_embd=0), "n_embd must be >= 1"),
     (dict(eval_iters=0), "eval_iters must be >= 1"),
     (dict(out_dir=__file__), "is a file, not a folder"),
     (dict(device="gpu"), "device must be"),
+    (dict(grad_clip=-1.0), r"grad_clip must be >= 0, got -1.0 \(grad_clip: .*0 disables clipping"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
+    (dict(beta1=1.5), r"beta1 must be in \[0, 1\), got 1.5"),
+    (dict(beta2=-1.0), r"beta2 must be in \[0, 1\), got -1.0"),
+    (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),  # not a complaint about min_lr
+    (dict(min_lr=0.1), r"min_lr \(0.1\) must not be above learning_rate \(0.01\)"),
+    (dict(learning_rate=float("inf")), "learning_rate must be a finite number"),
+    (dict(weight_decay=100.0), "learning_rate \\* weight_decay = 1 must be below 1"),
+    (dict(dense_layers=[0, 1]), r"dense_layers=\[0, 1\] lists all 2 layers: none is left to run Lighthouse"),
+    (dict(dense_layers=[0, -1]), r"dense_layers=\[0, -1\] lists all 2 layers"),  # -1 is layer 1
+    (dict(dense_layers=[True]), "dense_layers entry True is not a layer index"),
+    (dict(lh_pool=3), "the Lighthouse layer at .*lh_pool=3.*: pool must be a power of two"),
+    (dict(out_dir=""), "out_dir must be a non-empty name"),
 ])
 def test_bad_config_fails_before_training(dataset, overrides, message):
     config = dict(train.DEFAULTS, **TINY, dataset=dataset)
@@ -243,6 +373,38 @@ def test_bad_config_fails_before_training(dataset, overrides, message):
     with pytest.raises(train.ConfigError, match=message):
         train.validate(config)
         train.check_data(config)
+
+
+def test_a_dense_layer_listed_twice_leaves_the_others_lighthouse(dataset):
+    config = dict(train.DEFAULTS, **TINY, dataset=dataset)
+    config.update(n_layer=3, dense_layers=[2, -1])
+    train.validate(config)
+    assert GPT(GPTConfig.from_settings(dict(config, vocab_size=257))).lighthouse_layers() == [0, 1]
+
+
+NUMBERS = [key for key, value in train.DEFAULTS.items() if type(value) in (int, float)]
+
+
+@pytest.mark.parametrize("key", NUMBERS)
+def test_every_number_is_range_checked(dataset, key):
+    """Every numeric key refuses -1 (and, for a float, inf and nan) with a message that names it.
+    (lh_dilation is used, and so checked, only by the dilated scorer.)"""
+    config = dict(train.DEFAULTS, **TINY, dataset=dataset, lh_scorer="dilated" if key == "lh_dilation" else "norm")
+    bad = [-1] if type(train.DEFAULTS[key]) is int else [-1.0, float("inf"), float("nan")]
+    for value in bad:
+        with pytest.raises(train.ConfigError, match=key):
+            train.validate(dict(config, **{key: value}))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["config/quick_cpu.py", "--help"], ["--batch_size=2", "-h"]])
+def test_help_anywhere_lists_every_key_with_its_default_and_meaning(argv, capsys):
+    assert train.main(argv) is None
+    out = capsys.readouterr().out
+    assert out.startswith(train.__doc__.strip())
+    for key, value in train.DEFAULTS.items():
+        shown = f"{value:g}" if type(value) is float else str(value)
+        assert re.search(rf"^  --{key}={re.escape(shown)} +{re.escape(train.MEANINGS[key])}$", out, re.M), key
+    assert "0 disables clipping" in out and "share the token embedding with the output layer" in out
 
 
 def test_lighthouse_rules_are_skipped_for_the_dense_baseline(dataset):
@@ -287,7 +449,8 @@ def test_keys_with_a_fixed_set_of_values(tmp_path):
 
 
 def test_defaults_are_a_valid_run_the_quick_start_one():
-    """Defect 3: `python train.py` alone is config/quick_cpu.py's run, written to out/."""
+    """`python train.py` alone is config/quick_cpu.py's run, written to out/; every model setting is a
+    key with GPTConfig's default."""
     train.validate(dict(train.DEFAULTS))
     model_keys = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
     assert model_keys <= set(train.DEFAULTS)  # every model setting is a key, with GPTConfig's default
@@ -300,13 +463,14 @@ def test_defaults_are_a_valid_run_the_quick_start_one():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_device_without_a_gpu_is_a_config_error(dataset, tmp_path):
-    """Defect 4: the trainer's own message, not a torch traceback from torch.cuda.set_device."""
+    """--device=cuda on a machine without a GPU: the trainer's own message, not a torch traceback from
+    torch.cuda.set_device."""
     with pytest.raises(SystemExit, match="config error: device is cuda but no CUDA GPU is available"):
         train.main([f"--dataset={dataset}", f"--out_dir={tmp_path}", "--device=cuda"])
 
 
 def test_config_file_with_a_syntax_error_is_named(tmp_path):
-    """Defect 8."""
+    """A config file that does not parse: the message names the file and the error."""
     path = tmp_path / "broken.py"
     path.write_text("n_layer = 4\nlearning_rate = 3e-3 +\n")
     with pytest.raises(SystemExit, match=f"config error: config file {path} could not be read: SyntaxError"):
@@ -314,7 +478,7 @@ def test_config_file_with_a_syntax_error_is_named(tmp_path):
 
 
 def test_a_bad_setting_writes_nothing(dataset, tmp_path):
-    """Defect 8: --eval_iters=0 used to fail after start-up, with metrics.jsonl already emptied."""
+    """A bad setting is refused before anything is written: out_dir's metrics.jsonl stays as it was."""
     (tmp_path / "metrics.jsonl").write_text('{"iter": 5}\n')
     with pytest.raises(train.ConfigError, match="eval_iters must be >= 1"):
         run(dataset, tmp_path, eval_iters=0)
@@ -360,7 +524,7 @@ def cut_tokens(name, n):
     (cut_tokens("train.bin", 10), r"train.bin has [\d,]+ tokens, shorter than meta.json says"),
 ])
 def test_bad_data_files_are_named_before_any_work(dataset, tmp_path, damage, message):
-    """Defect 5."""
+    """Damaged or mismatched data files are refused, each with what is wrong, before out_dir is made."""
     folder = tmp_path / "data"
     shutil.copytree(dataset, folder)
     damage(folder)
@@ -426,6 +590,81 @@ def test_ddp_two_processes_match_one_process(dataset, tmp_path):
     assert all(abs(two[it] - straight[it]) < 1e-5 for it in (5, 6)), (two, straight)
 
 
+# python -c code that makes rank 0's own work fail, then runs train.py (its arguments follow)
+RANK_0_FAILS = dict(
+    download="import prepare_data\nprepare_data.DATA_DIR = sys.argv.pop(1)  # where the default data is missing\n"
+             "def prepare(**kwargs):\n    raise prepare_data.DownloadError('no network here (a test)')\n"
+             "prepare_data.prepare = prepare\n",
+    checkpoint="def save_checkpoint(*args):\n    raise OSError('disk full (a test)')\n"
+               "train.save_checkpoint = save_checkpoint\n",
+)
+
+
+@pytest.mark.parametrize("work, message", [("download", "config error: no network here (a test)"),
+                                           ("checkpoint", "error: disk full (a test)")])
+def test_ddp_a_failure_on_rank_0_ends_every_rank(dataset, tmp_path, work, message):
+    """Two processes started as torchrun starts them (gloo; no torchrun, which would kill the other
+    rank itself): when work that only rank 0 does fails (the first download, a checkpoint write),
+    rank 0 ends with its message and rank 1 stops at once too and says why, neither with a traceback."""
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = {**TINY, "dataset": dataset, "out_dir": tmp_path / "out", "gradient_accumulation_steps": 2}
+    args = [f"--{k}={v}" for k, v in overrides.items()]
+    if work == "download":
+        args = [str(tmp_path / "data"), *args, "--dataset=shakespeare_bytes"]  # the default data, not yet there
+    code = "import sys\nimport train\n" + RANK_0_FAILS[work] + "train.main(sys.argv[1:])"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # blocked: the failure did not reach it
+                proc.kill()
+    assert procs[0].returncode == 1 and message in errors[0] and "Traceback" not in errors[0], errors[0][-3000:]
+    assert procs[1].returncode == 1 and "Traceback" not in errors[1], errors[1][-3000:]
+    assert errors[1].strip().endswith("error: rank 0 failed (its message says why); rank 1 stops too")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named(dataset, tmp_path):
+    """torch.save's own error (RuntimeError, here: the temporary file's name is taken by a folder)
+    ends the run with a one-line message, as a full disk would."""
+    (tmp_path / "ckpt.pt.tmp").mkdir()
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [f"--dataset={dataset}", f"--out_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path}/ckpt.pt.tmp: .*Is a directory"):
+        train.main(args + ["--lighthouse_iters=0", "--recovery_iters=1"])
+
+
+def test_the_process_group_is_taken_down_after_an_error(monkeypatch):
+    """A process group left standing after an error can keep the process from exiting (NCCL)."""
+    calls = []
+    monkeypatch.setattr(train, "init_process_group", lambda backend: calls.append(f"init {backend}"))
+    monkeypatch.setattr(train, "destroy_process_group", lambda: calls.append("destroy"))
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(OSError, match="disk full"):
+        with train.process_group(train.Processes(), "cpu"):
+            raise OSError("disk full")
+    assert calls == ["init gloo", "destroy"]
+
+
+def test_one_gpu_index_under_torchrun_is_refused(dataset, tmp_path, monkeypatch):
+    """--device=cuda:0 with 2 processes would put both on GPU 0 (faked: a machine with 2 GPUs, rank 1 of 2)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [f"--dataset={dataset}", f"--out_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match=r"config error: device=cuda:0 under torchrun would put all 2 processes on "
+                                         r"one GPU; use --device=cuda \(or auto\)"):
+        train.main(args + ["--gradient_accumulation_steps=2", "--device=cuda:0"])
+    assert not os.listdir(tmp_path)
+
+
 def rank_pid(torchrun_pid, rank):
     """The process id of torchrun's worker with this RANK (Linux: its children, and their environment)."""
     children = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split()
@@ -438,7 +677,7 @@ def rank_pid(torchrun_pid, rank):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
 def test_ddp_ctrl_c_on_one_rank_stops_all_after_the_same_iteration(dataset, tmp_path):
-    """Defect 9 under torchrun: a SIGINT that reaches only rank 1 still stops rank 0 after the same
+    """Ctrl-C under torchrun: a SIGINT that reaches only rank 1 still stops rank 0 after the same
     iteration (the flag travels with the loss's all_reduce); rank 0 saves that iteration."""
     overrides = {**TINY, "dataset": dataset, "out_dir": tmp_path, "gradient_accumulation_steps": 2,
                  "lighthouse_iters": 0, "recovery_iters": 100000, "ckpt_interval": 0}
@@ -496,7 +735,7 @@ def test_a_new_run_never_keeps_another_runs_checkpoint(dataset, finished, tmp_pa
 
 
 def test_resuming_a_finished_run_adds_nothing(dataset, finished, tmp_path, capsys):
-    """Defect 10: it used to append a duplicate final record to metrics.jsonl."""
+    """Resuming a finished run changes no file (no second final record in metrics.jsonl)."""
     out = copy_run(finished, tmp_path)
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     summary = run(dataset, out, init_from="resume")
@@ -506,7 +745,7 @@ def test_resuming_a_finished_run_adds_nothing(dataset, finished, tmp_path, capsy
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(dataset, finished, tmp_path, capsys):
-    """Defect 6: a truncated ckpt.pt, and the run resumes exactly from ckpt.prev.pt (the switch's, at 6)."""
+    """A truncated ckpt.pt, and the run resumes exactly from ckpt.prev.pt (the switch's, at 6)."""
     out = copy_run(finished, tmp_path)
     (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:100000])
     run(dataset, out, init_from="resume")
@@ -519,7 +758,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(dataset, finished, tm
     (lambda data: bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8)), "not a file written by torch.save"),
 ], ids=["truncated", "empty", "garbage"])
 def test_damaged_checkpoints_are_named(finished, tmp_path, damage, reason):
-    """Defect 6: when neither checkpoint can be used, the error names both, and why."""
+    """When neither checkpoint can be used, the error names both, and why."""
     out = copy_run(finished, tmp_path)
     for name in ("ckpt.pt", "ckpt.prev.pt"):
         (out / name).write_bytes(damage((out / name).read_bytes()))
@@ -530,7 +769,7 @@ def test_damaged_checkpoints_are_named(finished, tmp_path, damage, reason):
 
 
 def test_resuming_with_other_model_settings_lists_them(dataset, finished, tmp_path):
-    """Defect 6: each differing model setting, the checkpoint's value against the asked one."""
+    """Each differing model setting is listed, the checkpoint's value against the asked one."""
     out = copy_run(finished, tmp_path)
     with pytest.raises(train.ConfigError, match=r"(?s)holds a model with other settings:\n"
                                                 r"  n_embd: 32 in the checkpoint, 64 asked\n"
@@ -540,6 +779,102 @@ def test_resuming_with_other_model_settings_lists_them(dataset, finished, tmp_pa
     # the trainer's own settings may change: two more recovery steps
     run(dataset, out, init_from="resume", recovery_iters=6, activation_checkpointing=True)
     assert sorted(train_losses(out)) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["model_config"].update(n_experts=4), "model_config has the unknown settings n_experts;"),
+    (lambda c: c["model_config"].pop("lh_rope"), "model_config lacks lh_rope;"),
+    (lambda c: c.update(model_config=None), "model_config lacks block_size, vocab_size, n_layer"),
+    (lambda c: c["model"].pop("norm.weight"), "its weights do not fit its model_config: .*norm.weight"),
+    (lambda c: c.pop("meta"), "is not a checkpoint written by this version of train.py"),
+], ids=["unknown", "missing", "none", "weights", "no-meta"])
+def test_a_checkpoint_of_another_version_is_named(dataset, finished, tmp_path, change, message):
+    """A checkpoint that lacks keys, or whose model_config or weights do not fit this model.py: a
+    CheckpointError that says so, for the trainer's resume and for GPT.from_checkpoint (sample.py,
+    eval_long.py), not a TypeError."""
+    out = copy_run(finished, tmp_path)
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        ckpt = load_checkpoint(str(out / name))
+        change(ckpt)
+        torch.save(ckpt, out / name)
+    with pytest.raises(model.CheckpointError, match=f"{out}/ckpt.pt.* {message}"):
+        GPT.from_checkpoint(str(out / "ckpt.pt"))
+    with pytest.raises(train.ConfigError, match=f"{out}/ckpt.pt.* {message}"):
+        run(dataset, out, init_from="resume")
+
+
+def test_generate_gives_back_the_attention_mode_when_stopped():
+    """A Ctrl-C (or any error) while sampling leaves the model in the mode it was in, not dense."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                          ffn_hidden=64, lh_levels=2, lh_pool=4, lh_topk=128))
+    model.set_attention("lighthouse")
+    calls = []
+
+    def stop_at_the_third_token(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    model.lm_head.register_forward_hook(stop_at_the_third_token)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(torch.randint(0, 257, (1, 5)), 10)
+    assert model.mode == "lighthouse" and [b.attn.use_lighthouse for b in model.blocks] == [True, False]
+
+
+def test_resuming_with_other_training_settings_lists_them(dataset, finished, tmp_path, capsys):
+    """Another data folder, learning rate and batch size are refused, each listed; --allow_changes=True
+    lists them as a warning and goes on with them (the optimizer too: its weight decay is this run's)."""
+    out = copy_run(finished, tmp_path)
+    other_data = shutil.copytree(dataset, tmp_path / "other_data")
+    changes = dict(learning_rate=0.05, batch_size=1, weight_decay=0.2)
+    listed = (rf"  dataset: '{dataset}' in the checkpoint, '{other_data}' asked\n"
+              rf"  batch_size: 2 in the checkpoint, 1 asked\n"
+              rf"  learning_rate: 0.01 in the checkpoint, 0.05 asked\n"
+              rf"  weight_decay: 0.1 in the checkpoint, 0.2 asked\n")
+    with pytest.raises(train.ConfigError, match=f"(?s){out}/ckpt.pt was trained with other settings:\n{listed}"
+                                                f"resume with the settings it was trained with, or pass "
+                                                f"--allow_changes=True"):
+        run(str(other_data), out, init_from="resume", recovery_iters=6, **changes)
+    assert untimed_records(out) == untimed_records(finished)  # refused before anything was written
+    run(str(other_data), out, init_from="resume", recovery_iters=6, allow_changes=True, **changes)
+    assert re.search(f"warning: resuming {out}/ckpt.pt with other settings \\(allow_changes=True\\):\n{listed}",
+                     capsys.readouterr().out)
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["state"]["iter"] == 12 and ckpt["config"]["learning_rate"] == 0.05
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.2  # not the checkpoint's 0.1
+
+
+def test_resuming_may_change_what_is_measured_and_train_on(dataset, finished, tmp_path, capsys):
+    """Intervals, eval_iters, the sample, compile, peak_flops, out_dir (the copy) and memory settings
+    change nothing in the training; a longer recovery phase trains on (constant schedule)."""
+    out = copy_run(finished, tmp_path)
+    run(dataset, out, init_from="resume", recovery_iters=6, eval_interval=3, eval_iters=1, log_interval=2,
+        ckpt_interval=0, sample_at_end=True, compile=False, peak_flops=1e12, activation_checkpointing=True)
+    assert "warning" not in capsys.readouterr().out
+    assert load_checkpoint(str(out / "ckpt.pt"))["state"]["iter"] == 12
+
+
+def test_a_cosine_run_and_its_longer_resume(dataset, tmp_path, capsys):
+    """The lr logged with each step is the schedule's: warmup, then cosine down to min_lr in the last
+    step. Raising recovery_iters afterwards stretches the decay: the learning rate rises again from
+    min_lr. That is a change of schedule, refused unless allowed. Hand-computed: peak 1e-2, min 1e-4,
+    warmup 2; at iteration 10 of 12 (0..11) the decay is 8/9 of its way: 1e-4 + 9.9e-3 (1 + cos(8 pi / 9)) / 2."""
+    run(dataset, tmp_path, lr_schedule="cosine", min_lr=1e-4)
+    lr = {r["iter"]: r["lr"] for r in records(tmp_path) if "lr" in r}  # iteration i is logged as iter i + 1
+    assert sorted(lr) == list(range(1, 11))
+    assert lr[1] == pytest.approx(5e-3) and lr[2] == lr[3] == pytest.approx(1e-2)
+    assert lr[10] == pytest.approx(1e-4)
+    assert all(lr[i] > lr[i + 1] for i in range(3, 10))
+    run(dataset, tmp_path, init_from="resume", lr_schedule="cosine", min_lr=1e-4)
+    assert "and pass --allow_changes=True: the cosine decay then stretches" in capsys.readouterr().out
+    with pytest.raises(train.ConfigError, match=r"lighthouse_iters \+ recovery_iters: 10 in the checkpoint, 12 asked: "
+                                                r"the cosine decay stretches over the new length, so the learning "
+                                                r"rate at iteration 10 is 0.000399, not 0.0001"):
+        run(dataset, tmp_path, init_from="resume", lr_schedule="cosine", min_lr=1e-4, recovery_iters=6)
+    run(dataset, tmp_path, init_from="resume", lr_schedule="cosine", min_lr=1e-4, recovery_iters=6,
+        allow_changes=True)
+    assert records(tmp_path)[-2]["lr"] == pytest.approx(1e-4)  # the new last iteration: min_lr again
 
 
 class RunsCode:
@@ -553,7 +888,8 @@ class RunsCode:
 
 
 def test_a_checkpoint_holding_code_is_refused(dataset, tmp_path):
-    """Defect 13: checkpoints are read with weights_only=True, by the trainer and by sample.py."""
+    """A checkpoint that would run code when unpickled is refused, by the trainer and by sample.py
+    (checkpoints are read with weights_only=True), and the code does not run."""
     marker = tmp_path / "code-ran"
     (tmp_path / "out").mkdir()
     torch.save(dict(model={}, model_config={}, config={}, meta={}, evil=RunsCode(str(marker))),
@@ -584,7 +920,7 @@ def ctrl_c_in_iteration(monkeypatch, iteration, times=1):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(dataset, finished, tmp_path, monkeypatch, capsys):
-    """Defect 9: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly.
+    """Ctrl-C: the iteration in progress finishes, its checkpoint is saved, the run resumes exactly.
     In the last Lighthouse iteration: the switch is due when the run stops, and must not be lost."""
     iteration = 6
     ctrl_c_in_iteration(monkeypatch, iteration)

