@@ -110,9 +110,10 @@ def layer_variants(N, topk, variants):
 
     def ours(variant):  # e.g. "dilated+span_end": the scorer, then options (span_end, causal)
         scorer, *options = variant.split("+")
-        return lambda q, k, v: lk.lighthouse_attention(
-            q, k, v, LEVELS, POOL, topk, impl="triton", scorer=scorer, rope=(cos, sin) if "span_end" in options else None,
-            selection="causal" if "causal" in options else "paper")
+        rope = (cos, sin) if "span_end" in options else None
+        selection = "causal" if "causal" in options else "paper"
+        return lambda q, k, v: lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton", scorer=scorer,
+                                                       rope=rope, selection=selection)
 
     attends = {"dense cuDNN": dense(SDPBackend.CUDNN_ATTENTION)}
     if N <= 131072:  # flash is ~1.7x slower than cuDNN; past 128K it only costs time to show it again

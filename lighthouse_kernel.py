@@ -283,21 +283,23 @@ def ref_select_causal(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
             width = tile * pool ** (levels - 1 - level)  # the level's entries in a tile (the last: more)
             q = q_score_pyr[:, :, offsets[level]:offsets[level] + n]  # (B, G, n)
             k = k_score_pyr[:, :, offsets[level]:offsets[level] + n]
-            # thresholds from tiles 0 .. T-2: (B, G, n) -> (B, G, T-1, width) -> (B, G, T-1)
-            q_prev = q[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
-            k_prev = k[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
-            q_cut = q_prev.topk(half, dim=3).values[..., -1]
-            k_rest = k_prev.masked_fill(q_prev >= q_cut[..., None], float("-inf"))
-            k_cut = k_rest.topk(half, dim=3).values[..., -1]
             # tile t's thresholds are tile t-1's; tile 0 has none (-inf: every entry passes)
-            first = torch.full((B, G, 1), float("-inf"), device=device)
-            q_cut, k_cut = torch.cat([first, q_cut], dim=2), torch.cat([first, k_cut], dim=2)  # (B, G, T)
+            q_cut = k_cut = torch.full((B, G, 1), float("-inf"), device=device)
+            if n_tiles > 1:  # (no zero-size tensors for one tile: Inductor's GPU code rejects them)
+                # thresholds of tiles 0 .. T-2: (B, G, n) -> (B, G, T-1, width) -> (B, G, T-1)
+                q_prev = q[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
+                k_prev = k[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
+                q_prev_cut = q_prev.topk(half, dim=3).values[..., -1]
+                k_rest = k_prev.masked_fill(q_prev >= q_prev_cut[..., None], float("-inf"))
+                k_prev_cut = k_rest.topk(half, dim=3).values[..., -1]
+                q_cut, k_cut = torch.cat([q_cut, q_prev_cut], dim=2), torch.cat([k_cut, k_prev_cut], dim=2)  # (B, G, T)
             in_tile = (j // width).clamp(max=n_tiles - 1)  # (n,) the tile of each entry
             passes = (q >= q_cut[:, :, in_tile]) | (k >= k_cut[:, :, in_tile])  # (B, G, n)
             # in order, up to the budget: count the passing entries from the start of their tile
             count = passes.long().cumsum(dim=2)  # (B, G, n)
-            before_tile = F.pad(count[:, :, width - 1:(n_tiles - 1) * width:width], (1, 0))  # (B, G, T)
-            taken = passes & (count - before_tile[:, :, in_tile] <= budget)
+            last_before = in_tile * width - 1  # (n,) the entry before the tile's first; -1 in tile 0
+            before_tile = torch.where(last_before >= 0, count[:, :, last_before.clamp(min=0)], 0)  # (B, G, n)
+            taken = passes & (count - before_tile <= budget)
             key = torch.where(taken, key, unused)
         keys.append(key)
     keys = torch.cat(keys, dim=2)  # (B, G, P), in pyramid-index order
@@ -1102,7 +1104,8 @@ triton_norm_scores = _register(
     "norm_scores", "(Tensor q, Tensor k, int levels, int pool) -> (Tensor, Tensor)", _launch_norm_scores,
     lambda q, k, levels, pool: (_score_pyramid_like(q, k, levels, pool), _score_pyramid_like(q, k, levels, pool)))
 triton_select = _register(
-    "select", "(Tensor q_score_pyr, Tensor k_score_pyr, int seq_len, int levels, int pool, int topk) -> (Tensor, Tensor)",
+    "select",
+    "(Tensor q_score_pyr, Tensor k_score_pyr, int seq_len, int levels, int pool, int topk) -> (Tensor, Tensor)",
     _launch_select,
     lambda q_pyr, k_pyr, seq_len, levels, pool, topk: (
         q_pyr.new_empty(*q_pyr.shape[:2], gathered_length(seq_len, levels, pool, topk), dtype=torch.int64),

@@ -144,6 +144,6 @@ def test_the_quick_start_numbers_name_their_machine_and_agree():
     expected = readme[readme.index("## Quick start"):readme.index("## How Lighthouse works")]
     for text in (expected, header):
         assert "Intel Xeon" in text and "model 207" in text and "other CPUs" in text
-    final, at_switch = "final val loss (dense) 1.9864", "iter 240: val loss (dense) 2.2961, lighthouse-mode 1.9884"
+    final, at_switch = "final val loss (dense) 1.9864", "iter 240: val loss (dense) 2.2961, lighthouse-mode (reads ahead) 1.9884"
     assert final in expected and at_switch in expected
     assert "final dense val loss 1.9864" in header and "2.2961, 1.9884 in Lighthouse mode" in header

@@ -3,7 +3,7 @@
 # positions, the last layer dense), then 120 dense recovery iterations. A log line every 20
 # iterations, a validation every 60.
 # Measured on a 2-core Intel Xeon virtual machine (lscpu: family 6, model 207; fresh clone, data
-# prepared on the way): 148 s in all, 124 s of training (about 12k tok/s in both phases: at 1024 tokens
+# prepared on the way, otherwise idle): 97 s of training (about 15k tok/s in both phases: at 1024 tokens
 # Lighthouse saves nothing), final dense val loss 1.9864; at the switch the dense val loss is 2.2961,
 # 1.9884 in Lighthouse mode. The losses are the same on every run of that machine; other CPUs differ in
 # the second decimal (a 2-core AMD EPYC: 2.0068 at the end).
