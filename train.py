@@ -400,10 +400,11 @@ class Processes:
 
 
 def choose_device(setting, procs):
-    """'auto': this process's GPU if there is one, else the CPU; under torchrun 'cuda' is this rank's GPU."""
+    """'auto': this process's GPU if there is one, else the CPU; 'cuda' is this process's GPU (under
+    torchrun its LOCAL_RANK's, else GPU 0), with its index, which torch.cuda.set_device needs."""
     if setting == "auto":
         return f"cuda:{procs.local_rank}" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and procs.distributed:
+    if setting == "cuda":
         return f"cuda:{procs.local_rank}"
     return setting
 
