@@ -3,11 +3,14 @@
 # 0, 1, 28, 29 dense; 10k Lighthouse + 6k recovery steps, global batch 32 sequences (3.1M tokens).
 # Hardware: a multi-GPU node, e.g. torchrun --standalone --nproc_per_node=8 train.py config/paper_98k.py
 # (gradient_accumulation_steps is the global count and is split across the GPUs).
-# Measured steps only, not a run: on one H200, compiled, one sequence per step, a Lighthouse step takes
-# 1.25 s (78.4k tok/s), a dense one 5.07 s (19.4k tok/s), 18.4 GiB peak with activation checkpointing;
-# with checkpoint_keep_attention = True (23.2 GiB) 1.09 s and 4.17 s (docs/benchmarks.md). At the
-# first rates, and if 8 GPUs scaled perfectly (an estimate), the 16k steps would take about 2 days
-# on 8 H200s. The paper reports a final loss of 0.698 (dense from scratch: 0.724).
+# Activation checkpointing keeps attention's outputs (checkpoint_keep_attention, in both phases, so the
+# two arms are like for like): faster steps for more memory. Measured steps only, not a run: on one
+# H200, compiled, one sequence per step, a Lighthouse step takes 1.09 s, a dense one 4.17 s, 23.2 GiB
+# peak (plain checkpointing, --checkpoint_keep_attention=False: 1.25 s (78.4k tok/s) and 5.07 s
+# (19.4k tok/s), 18.4 GiB; docs/benchmarks.md; measured before this config turned it on, and bench.py
+# --mode=train has not been rerun on it). At the plain rates, and if 8 GPUs scaled perfectly (an
+# estimate), the 16k steps would take about 2 days on 8 H200s. The paper reports a final loss of
+# 0.698 (dense from scratch: 0.724).
 out_dir = "out-paper-98k"
 dataset = "books_bytes"
 block_size = 98304
@@ -21,6 +24,7 @@ ffn_hidden = 1536
 rope_theta = 500000.0
 dense_layers = [0, 1, -2, -1]
 activation_checkpointing = True
+checkpoint_keep_attention = True
 lighthouse_iters = 10000
 recovery_iters = 6000
 lh_levels = 3
