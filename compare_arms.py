@@ -40,13 +40,13 @@ def read_run(folder):
         entry = json.load(f)["checkpoints"][0]
     run = dict(folder=folder, seed=entry.get("train_seed"), final=evals[-1]["val_loss"], train_s=logs[-1]["elapsed_s"],
                curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0)
-    lighthouse_tokens = max([r["tokens"] for r in logs if r["phase"] == "lighthouse"], default=0)
-    tokens = dict(lighthouse=lighthouse_tokens, dense=logs[-1]["tokens"] - lighthouse_tokens)
-    for phase in ("lighthouse", "dense"):
-        windows = [r["tok_per_s"] for r in logs if r["phase"] == phase]
-        if windows:
-            run["rate"][phase] = statistics.median(windows[1:] or windows)
-            run["steady_s"] += tokens[phase] / run["rate"][phase]
+    before = 0  # the tokens of the phases before this one (each phase's last iteration is logged)
+    for phase in ("short", "lighthouse", "dense"):  # in the order a run goes through them
+        in_phase = [r for r in logs if r["phase"] == phase]
+        if in_phase:
+            run["rate"][phase] = statistics.median([r["tok_per_s"] for r in in_phase][1:] or [in_phase[0]["tok_per_s"]])
+            run["steady_s"] += (in_phase[-1]["tokens"] - before) / run["rate"][phase]
+            before = in_phase[-1]["tokens"]
     context = entry["context"]
     # (eval_long.json files written before windows under 2048 tokens had a far-context measurement have none)
     run.update(tail=context["tail"], last_tail=context["loss_full"], far_context=(context["gain"] or [None])[0],

@@ -96,11 +96,11 @@ def test_phase_rates_leave_out_the_first_step(dataset, tmp_path, monkeypatch, ca
     times it apart, and its steady rate is the log lines' after the phase's first (one step each)."""
     slow, original = set(), train.Run.step
 
-    def first_step_slow(run, ctrl_c):
+    def first_step_slow(run, ctrl_c, phase):
         if run.raw_model.mode not in slow:
             slow.add(run.raw_model.mode)
             time.sleep(0.5)
-        return original(run, ctrl_c)
+        return original(run, ctrl_c, phase)
 
     monkeypatch.setattr(train.Run, "step", first_step_slow)
     summary = run(dataset, tmp_path)
@@ -122,11 +122,16 @@ def test_dense_baseline_has_no_lighthouse_phase(dataset, tmp_path):
     assert {r["phase"] for r in records(tmp_path)} == {"dense"}
 
 
-@pytest.mark.parametrize("killed_at", [8, 10])
-def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, killed_at):
+SHORT = dict(short_context_iters=3, short_block_size=128, lighthouse_iters=4, recovery_iters=3)  # 10 in all
+
+
+@pytest.mark.parametrize("killed_at, extra", [(8, {}), (10, {}), (3, SHORT), (4, SHORT)])
+def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, killed_at, extra):
     # evals every 3 iterations: one falls on the switch (after 6), whose checkpoint a kill in
-    # iteration 8 resumes from; a kill in iteration 10 resumes from the periodic one after 9
-    settings = dict(eval_interval=3, ckpt_interval=3)
+    # iteration 8 resumes from; a kill in iteration 10 resumes from the periodic one after 9.
+    # With the context-length warmup: kills in its last step and in the first Lighthouse step both
+    # resume inside the warmup, from the checkpoint after 2
+    settings = dict(eval_interval=3, ckpt_interval=3 if not extra else 2, **extra)
     run(dataset, tmp_path / "whole", **settings)
     expected = train_losses(tmp_path / "whole")
     expected_evals = [(r["iter"], r["val_loss"]) for r in records(tmp_path / "whole") if "val_loss" in r]
@@ -134,12 +139,12 @@ def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, k
     calls = {"n": 0}
     original = train.Batches.next
 
-    def dies(self):
+    def dies(self, *window):
         if self.path.endswith("train.bin"):
             calls["n"] += 1
             if calls["n"] == killed_at:
                 raise KeyboardInterrupt
-        return original(self)
+        return original(self, *window)
 
     monkeypatch.setattr(train.Batches, "next", dies)
     with pytest.raises(KeyboardInterrupt):
@@ -151,6 +156,38 @@ def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, k
     assert iters == sorted(iters) and len(iters) == 10  # no duplicated records after the resume
     evals = [(r["iter"], r["val_loss"]) for r in records(tmp_path / "killed") if "val_loss" in r]
     assert evals == expected_evals
+
+
+def test_context_length_warmup_trains_short_windows_dense_then_the_phases(dataset, tmp_path, monkeypatch):
+    """short_context_iters steps on windows of short_block_size (as many tokens per step), with
+    dense attention, then the two phases at block_size; the schedule spans all three."""
+    seen = []  # (windows shape, attention mode) of every training batch
+    step, next_batch = train.Run.step, train.Batches.next
+
+    def recording_step(run, ctrl_c, phase):
+        seen.append(run.raw_model.mode)
+        return step(run, ctrl_c, phase)
+
+    def recording_next(batches, *window):
+        x, y = next_batch(batches, *window)
+        if batches.path.endswith("train.bin"):
+            seen.append(tuple(x.shape))
+        return x, y
+
+    monkeypatch.setattr(train.Run, "step", recording_step)
+    monkeypatch.setattr(train.Batches, "next", recording_next)
+    summary = run(dataset, tmp_path, **SHORT, lr_schedule="cosine")
+    modes, shapes = seen[0::2], seen[1::2]
+    assert shapes == [(8, 128)] * 3 + [(2, 512)] * 7  # 2 x 512 tokens per step throughout
+    assert modes == ["dense"] * 3 + ["lighthouse"] * 4 + ["dense"] * 3
+    phases = [r["phase"] for r in records(tmp_path) if "train_loss" in r]
+    assert phases == ["short"] * 3 + ["lighthouse"] * 4 + ["dense"] * 3
+    assert set(summary["tok_per_s"]) == {"short", "lighthouse", "dense"}
+    evals = [r for r in records(tmp_path) if "val_loss" in r]  # at full length, Lighthouse mode in phase 1 only
+    assert [r["iter"] for r in evals if "val_loss_lighthouse" in r] == [5, 7]
+    config = {**train.DEFAULTS, **TINY, **SHORT, "lr_schedule": "cosine"}
+    assert train.learning_rate(9, config) == pytest.approx(config["min_lr"])  # the last of 10 iterations
+    assert train.learning_rate(8, config) > config["min_lr"]
 
 
 def test_learning_rate_warmup_then_constant_or_cosine():
@@ -366,6 +403,9 @@ def test_dense_model_is_causal():
     (dict(dense_layers=[True]), "dense_layers entry True is not a layer index"),
     (dict(lh_pool=3), "the Lighthouse layer at .*lh_pool=3.*: pool must be a power of two"),
     (dict(out_dir=""), "out_dir must be a non-empty name"),
+    (dict(short_context_iters=2, short_block_size=500), r"short_block_size \(500\) must divide block_size \(512\) "
+                                                        r"and be shorter.*e\.g\. 32 or 64 or 128"),
+    (dict(short_context_iters=2, short_block_size=512), r"short_block_size \(512\) must divide"),
 ])
 def test_bad_config_fails_before_training(dataset, overrides, message):
     config = dict(train.DEFAULTS, **TINY, dataset=dataset)
@@ -920,13 +960,13 @@ def ctrl_c_in_iteration(monkeypatch, iteration, times=1):
     calls = {"n": 0}
     original = train.Batches.next
 
-    def next_batch(self):
+    def next_batch(self, *window):
         if self.path.endswith("train.bin"):
             calls["n"] += 1
             if calls["n"] == iteration:
                 for _ in range(times):
                     os.kill(os.getpid(), signal.SIGINT)
-        return original(self)
+        return original(self, *window)
 
     monkeypatch.setattr(train.Batches, "next", next_batch)
 

@@ -1,7 +1,10 @@
 """
 Two-phase Lighthouse training: `lighthouse_iters` steps with Lighthouse attention in every layer
 not listed in `dense_layers`, then `recovery_iters` steps with dense attention everywhere. The
-run ends with an ordinary dense model. lighthouse_iters=0 is the dense baseline.
+run ends with an ordinary dense model. lighthouse_iters=0 is the dense baseline. An optional
+context-length warmup comes before both: `short_context_iters` dense steps on windows of
+`short_block_size` tokens (as many tokens per step), shared by every arm of an experiment, so the
+Lighthouse phase starts only once the model trains at full length.
 
     python train.py                                          # the defaults: config/quick_cpu.py's run, in out/
     python train.py config/quick_cpu.py                      # a config file...
@@ -65,7 +68,9 @@ TRAINER_SETTINGS = dict(
     dataset=("shakespeare_bytes", "folder under data/ (or a path) with train.bin, val.bin, meta.json"),
     batch_size=(4, "sequences per micro-step (per GPU)"),
     gradient_accumulation_steps=(1, "micro-steps per iteration, summed over all GPUs"),
-    # the two phases
+    # the two phases, after an optional context-length warmup
+    short_context_iters=(0, "iterations before phase 1 on short windows, dense (a context-length warmup; 0: none)"),
+    short_block_size=(4096, "their window length: block_size must be a multiple (same tokens per step, more windows)"),
     lighthouse_iters=(240, "phase 1: iterations with Lighthouse attention (0 = dense baseline)"),
     recovery_iters=(120, "phase 2: iterations with dense attention everywhere"),
     # optimizer (AdamW); the LR schedule spans both phases
@@ -166,9 +171,9 @@ def data_dir(config):
 # first, then the rules that involve several keys.
 RANGES = [  # (what the value must be, the test, the keys)
     ("a non-empty name", lambda v: v != "", ("out_dir", "dataset")),
-    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size",
+    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size", "short_block_size",
                                 "gradient_accumulation_steps")),
-    (">= 0", lambda v: v >= 0, ("ckpt_interval", "lighthouse_iters", "recovery_iters", "warmup_iters", "min_lr",
+    (">= 0", lambda v: v >= 0, ("ckpt_interval", "short_context_iters", "lighthouse_iters", "recovery_iters", "warmup_iters", "min_lr",
                                 "weight_decay", "grad_clip")),
     ("> 0", lambda v: v > 0, ("learning_rate", "peak_flops")),
     ("in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2")),
@@ -188,6 +193,10 @@ def validate(config, world_size=1):
                 raise ConfigError(f"{key} must be {rule}, got {c[key]!r} ({key}: {MEANINGS[key]})")
     if c["lighthouse_iters"] + c["recovery_iters"] == 0:
         raise ConfigError("lighthouse_iters + recovery_iters is 0: nothing to train")
+    if c["short_context_iters"] and (c["block_size"] % c["short_block_size"] or c["short_block_size"] == c["block_size"]):
+        shorter = [n for n in (c["block_size"] // 16, c["block_size"] // 8, c["block_size"] // 4) if n]
+        raise ConfigError(f"short_block_size ({c['short_block_size']}) must divide block_size ({c['block_size']}) "
+                          f"and be shorter, so that a step keeps its tokens: e.g. {' or '.join(map(str, shorter))}")
     try:  # the model's own rules, and the Lighthouse layer's if there is a Lighthouse phase
         GPTConfig.from_settings(c).check(lighthouse=c["lighthouse_iters"] > 0)
     except ValueError as e:
@@ -279,6 +288,22 @@ def check_data(config):
     return meta
 
 
+PHASES = ("short", "lighthouse", "dense")  # in the order a run goes through them
+
+
+def total_iters(config):
+    return config["short_context_iters"] + config["lighthouse_iters"] + config["recovery_iters"]
+
+
+def phase_at(it, config):
+    """The phase iteration `it` belongs to: 'short' (the context-length warmup), 'lighthouse' or 'dense'."""
+    if it < config["short_context_iters"]:
+        return "short"
+    if it < config["short_context_iters"] + config["lighthouse_iters"]:
+        return "lighthouse"
+    return "dense"
+
+
 def learning_rate(it, config):
     """The learning rate of iteration `it` (0, 1, ...): linear warmup, then constant, or cosine decay
     over both phases to min_lr at the last iteration."""
@@ -287,7 +312,7 @@ def learning_rate(it, config):
         return lr * (it + 1) / warmup
     if config["lr_schedule"] == "constant":
         return lr
-    last = config["lighthouse_iters"] + config["recovery_iters"] - 1
+    last = total_iters(config) - 1
     progress = (it - warmup) / max(1, last - warmup)  # 0 after warmup, 1 at the last iteration
     return config["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - config["min_lr"])
 
@@ -305,13 +330,14 @@ class Batches:
         self.batch_size, self.block_size = config["batch_size"], config["block_size"]
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self):
+    def next(self, batch_size=None, block_size=None):
+        """The next batch: batch_size windows of block_size tokens (by default the config's)."""
+        batch_size, block_size = batch_size or self.batch_size, block_size or self.block_size
         # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        starts = torch.randint(len(data) - self.block_size - 1, (self.world_size * self.batch_size,),
-                               generator=self.generator)
-        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # this rank's share
-        window = torch.stack([torch.from_numpy(data[s:s + self.block_size + 1].astype(np.int64)) for s in starts])
+        starts = torch.randint(len(data) - block_size - 1, (self.world_size * batch_size,), generator=self.generator)
+        starts = starts[self.rank * batch_size:(self.rank + 1) * batch_size]  # this rank's share
+        window = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)) for s in starts])
         x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (batch, block_size) each: inputs, next tokens
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
@@ -372,14 +398,15 @@ def check_same_model(saved, asked, path):
 def training_changes(ckpt, config):
     """The training settings of this run that differ from the checkpoint's, one line each. (The
     seed too: it changes nothing on a resume, but it is the run's record of which seed it is.)"""
-    saved = dict(ckpt["config"], dataset=ckpt.get("data_dir"))  # the data folder, not the name typed
+    # the data folder, not the name typed; a key newer than the checkpoint counts as its default
+    saved = {**TRAINER_DEFAULTS, **ckpt["config"], "dataset": ckpt.get("data_dir")}
     asked = dict(config, dataset=os.path.abspath(data_dir(config)))
     changes = [f"{k}: {saved.get(k)!r} in the checkpoint, {asked[k]!r} asked" for k in TRAINER_DEFAULTS
                if k not in CHANGEABLE_ON_RESUME and saved.get(k) != asked[k]]
     it = ckpt["state"]["iter"]
-    old_total, new_total = (c["lighthouse_iters"] + c["recovery_iters"] for c in (saved, asked))
+    old_total, new_total = total_iters(saved), total_iters(asked)
     if config["lr_schedule"] == "cosine" and new_total != old_total:
-        changes.append(f"lighthouse_iters + recovery_iters: {old_total} in the checkpoint, {new_total} asked: the "
+        changes.append(f"short_context_iters + lighthouse_iters + recovery_iters: {old_total} in the checkpoint, {new_total} asked: the "
                        f"cosine decay stretches over the new length, so the learning rate at iteration {it} is "
                        f"{learning_rate(it, asked):.3g}, not {learning_rate(it, saved):.3g}")
     return changes
@@ -490,7 +517,7 @@ class Run:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device_type == "cuda" else nullcontext()
         self.accumulation = config["gradient_accumulation_steps"] // procs.world_size  # this process's micro-steps
         self.tokens_per_iter = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
-        self.total = config["lighthouse_iters"] + config["recovery_iters"]
+        self.total = total_iters(config)
         torch.manual_seed(config["seed"])
         self.raw_model = GPT(GPTConfig.from_settings(dict(config, vocab_size=meta["vocab_size"]))).to(device)
         self.model = self.raw_model  # what the training step calls: compiled and DDP-wrapped by start()
@@ -500,11 +527,10 @@ class Run:
                                      procs.rank, procs.world_size)
         # the progress a checkpoint carries
         # (first_step_*: the first step of each phase in each process start, which compiles and warms up)
-        self.state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds={"lighthouse": 0.0, "dense": 0.0},
-                          phase_tokens={"lighthouse": 0, "dense": 0},
-                          first_step_seconds={"lighthouse": 0.0, "dense": 0.0},
-                          first_step_tokens={"lighthouse": 0, "dense": 0}, last_val_loss=None, last_eval_iter=-1,
-                          metrics_lines=0)
+        per_phase = lambda: dict.fromkeys(PHASES, 0)
+        self.state = dict(iter=0, tokens=0, train_seconds=0.0, phase_seconds=per_phase(), phase_tokens=per_phase(),
+                          first_step_seconds=per_phase(), first_step_tokens=per_phase(), last_val_loss=None,
+                          last_eval_iter=-1, metrics_lines=0)
         self.keep_previous = False  # is out_dir's ckpt.pt a good checkpoint of this run (see save_checkpoint)?
         self.metrics_path = os.path.join(config["out_dir"], "metrics.jsonl")
         self.window_seconds, self.window_tokens = 0.0, 0  # since the last log line, for its tok/s
@@ -529,7 +555,8 @@ class Run:
         self.optimizer.load_state_dict(ckpt["optimizer"])  # (this brings the checkpoint's betas and weight decay)
         for group, settings in zip(self.optimizer.param_groups, asked):
             group.update(settings)  # this run's (the same, unless allow_changes let them change)
-        self.state = {**self.state, **ckpt["state"]}  # (an older checkpoint lacks the first_step_* counters)
+        for key, value in ckpt["state"].items():  # (an older checkpoint lacks some counters, or the short phase)
+            self.state[key] = {**self.state[key], **value} if isinstance(value, dict) else value
         # the same global batches follow, whatever the number of processes now
         self.train_batches.generator.set_state(ckpt["data_generator"])
         torch.set_rng_state(ckpt["rng_state"])
@@ -615,7 +642,15 @@ class Run:
         extra = f", lighthouse-mode{reads_ahead} {record['val_loss_lighthouse']:.4f}" if phase == "lighthouse" else ""
         tqdm.write(f"iter {s['iter']}: val loss (dense) {record['val_loss']:.4f}{extra}")
 
-    def step(self, ctrl_c):
+    def window(self, phase):
+        """(windows per micro-step, tokens per window) in this phase: the context-length warmup
+        cuts each window into block_size / short_block_size shorter ones."""
+        if phase == "short":
+            cuts = self.config["block_size"] // self.config["short_block_size"]
+            return self.config["batch_size"] * cuts, self.config["short_block_size"]
+        return self.config["batch_size"], self.config["block_size"]
+
+    def step(self, ctrl_c, phase):
         """One iteration: the micro-steps, clipping, AdamW. Returns (lr, train loss, grad norm, stop):
         the loss (mean over all processes) and the norm are still tensors on the device, so that the
         CPU queues the next iteration while the GPU runs this one; stop is whether any process got a
@@ -625,7 +660,7 @@ class Run:
             group["lr"] = lr
         losses = []
         for micro in range(self.accumulation):
-            x, y = self.train_batches.next()
+            x, y = self.train_batches.next(*self.window(phase))
             if self.procs.distributed:  # average gradients across processes only on the last micro-step
                 self.model.require_backward_grad_sync = micro == self.accumulation - 1
             with self.autocast:
@@ -700,7 +735,7 @@ class Run:
     def summary(self, interrupted=False):
         """The run's results. tok_per_s: each phase's steady rate, without its first step(s)."""
         s, steady = self.state, {}
-        for p in ("lighthouse", "dense"):
+        for p in PHASES:
             seconds = s["phase_seconds"][p] - s["first_step_seconds"][p]
             if seconds > 0:
                 steady[p] = (s["phase_tokens"][p] - s["first_step_tokens"][p]) / seconds
@@ -737,7 +772,15 @@ def switch_to_dense(run):
     if run.procs.master:
         tqdm.write(f"iter {run.state['iter']}: switched to dense attention for {run.config['recovery_iters']} "
                    f"recovery steps")
-    return "dense"
+
+
+def end_short_context(run, phase):
+    """The end of the context-length warmup: windows of block_size from now on, with Lighthouse
+    attention if `phase` is the Lighthouse phase."""
+    run.raw_model.set_attention(phase)
+    if run.procs.master:
+        tqdm.write(f"iter {run.state['iter']}: context-length warmup done; {phase} attention on windows of "
+                   f"{run.config['block_size']} tokens")
 
 
 def eval_due(state, config):
@@ -759,22 +802,28 @@ def train(config):
         if run.state["iter"] >= run.total:
             if procs.master:
                 print(f"the run in {config['out_dir']} is already finished at iteration {run.state['iter']} "
-                      f"(lighthouse_iters + recovery_iters = {run.total}); to train on, raise recovery_iters")
+                      f"(short_context_iters + lighthouse_iters + recovery_iters = {run.total}); to train on, "
+                      f"raise recovery_iters")
                 if config["lr_schedule"] == "cosine":
                     print("(and pass --allow_changes=True: the cosine decay then stretches over the new length, "
                           "so the learning rate rises from min_lr again)")
             return run.summary()
         run.start()
 
-        phase = "lighthouse" if run.state["iter"] < config["lighthouse_iters"] else "dense"
-        run.raw_model.set_attention(phase)
+        phase = phase_at(run.state["iter"], config)
+        run.raw_model.set_attention("lighthouse" if phase == "lighthouse" else "dense")
+        switch_iter = config["short_context_iters"] + config["lighthouse_iters"] if config["lighthouse_iters"] else None
         with CtrlC(say=procs.master) as ctrl_c:
             stop = False
             run.clock_started = time.time()
             while run.state["iter"] < run.total:
-                if run.state["iter"] == config["lighthouse_iters"] and phase == "lighthouse":
+                if phase_at(run.state["iter"], config) != phase:
                     with run.off_the_clock(phase):
-                        phase = switch_to_dense(run)
+                        if phase == "lighthouse":
+                            switch_to_dense(run)
+                        else:
+                            end_short_context(run, phase_at(run.state["iter"], config))
+                    phase = phase_at(run.state["iter"], config)
                 # a Ctrl-C in the last iteration (on any process): every process stops here, after the
                 # switch if one was due, so that the checkpoint needs nothing redone (in the run's last
                 # iteration the run simply finishes)
@@ -789,7 +838,7 @@ def train(config):
                 if procs.master and eval_due(run.state, config):
                     with run.off_the_clock(phase):
                         run.evaluate_and_log(phase)
-                lr, train_loss, grad_norm, stop = run.step(ctrl_c)
+                lr, train_loss, grad_norm, stop = run.step(ctrl_c, phase)
                 run.count(phase)
                 if phase not in run.phases_begun:
                     run.time_first_step(phase)
@@ -797,7 +846,7 @@ def train(config):
                     with run.off_the_clock(phase):
                         run.log_step(phase, lr, train_loss.item(), grad_norm.item())
                 if (config["ckpt_interval"] and run.state["iter"] % config["ckpt_interval"] == 0
-                        and run.state["iter"] not in (config["lighthouse_iters"], run.total)):
+                        and run.state["iter"] not in (switch_iter, run.total)):
                     with run.off_the_clock(phase):
                         run.save()  # (the switch and the end write their own, after their evaluations)
             with run.off_the_clock(phase):
