@@ -279,20 +279,23 @@ def ref_select_causal(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
         n = seq_len // pool**level
         j = torch.arange(n, device=device)
         key = ((j + 1) * pool**level * levels - levels + level).expand(B, G, n)  # causal_key of a node
-        if level < levels - 1:
+        if level < levels - 1 and n_tiles == 1:  # one tile, no thresholds: its first 128p entries
+            # (a case of its own: the general code's index arithmetic on a single tile is rejected
+            # by Inductor's GPU code generator)
+            key = torch.where(j < budget, key, unused)
+        elif level < levels - 1:
             width = tile * pool ** (levels - 1 - level)  # the level's entries in a tile (the last: more)
             q = q_score_pyr[:, :, offsets[level]:offsets[level] + n]  # (B, G, n)
             k = k_score_pyr[:, :, offsets[level]:offsets[level] + n]
+            # thresholds of tiles 0 .. T-2: (B, G, n) -> (B, G, T-1, width) -> (B, G, T-1)
+            q_prev = q[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
+            k_prev = k[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
+            q_prev_cut = q_prev.topk(half, dim=3).values[..., -1]
+            k_rest = k_prev.masked_fill(q_prev >= q_prev_cut[..., None], float("-inf"))
+            k_prev_cut = k_rest.topk(half, dim=3).values[..., -1]
             # tile t's thresholds are tile t-1's; tile 0 has none (-inf: every entry passes)
-            q_cut = k_cut = torch.full((B, G, 1), float("-inf"), device=device)
-            if n_tiles > 1:  # (no zero-size tensors for one tile: Inductor's GPU code rejects them)
-                # thresholds of tiles 0 .. T-2: (B, G, n) -> (B, G, T-1, width) -> (B, G, T-1)
-                q_prev = q[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
-                k_prev = k[:, :, :(n_tiles - 1) * width].unflatten(2, (n_tiles - 1, width))
-                q_prev_cut = q_prev.topk(half, dim=3).values[..., -1]
-                k_rest = k_prev.masked_fill(q_prev >= q_prev_cut[..., None], float("-inf"))
-                k_prev_cut = k_rest.topk(half, dim=3).values[..., -1]
-                q_cut, k_cut = torch.cat([q_cut, q_prev_cut], dim=2), torch.cat([k_cut, k_prev_cut], dim=2)  # (B, G, T)
+            none = torch.full((B, G, 1), float("-inf"), device=device)
+            q_cut, k_cut = torch.cat([none, q_prev_cut], dim=2), torch.cat([none, k_prev_cut], dim=2)  # (B, G, T)
             in_tile = (j // width).clamp(max=n_tiles - 1)  # (n,) the tile of each entry
             passes = (q >= q_cut[:, :, in_tile]) | (k >= k_cut[:, :, in_tile])  # (B, G, n)
             # in order, up to the budget: count the passing entries from the start of their tile
