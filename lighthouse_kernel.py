@@ -931,16 +931,16 @@ def _dilated_attend(acc, l_i, m_i, qry, i, lo, hi, key_ptrs, key_step, val_ptrs,
 
 @triton.jit
 def _dilated_norms_kernel(qry_ptr, sq_b, sq_h, sq_n, key_ptr, sk_b, sk_h, sk_n, val_ptr, sv_b, sv_h, sv_n,
-                          qry_scale_ptr, key_scale_ptr, val_scale_ptr, norm_ptr, N, sm_scale, H: tl.constexpr,
-                          QRY_GROUP: tl.constexpr, KEY_GROUP: tl.constexpr, VAL_GROUP: tl.constexpr,
-                          DILATION: tl.constexpr, FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          qry_scale_ptr, key_scale_ptr, val_scale_ptr, norm_ptr, N, sm_scale, H, qry_group,
+                          key_group, val_group, DILATION: tl.constexpr, FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     """One pass of ref_dilated_scores, before the max over groups, flash-style: for query head h,
     norm[b, h, t] = || sum over s <= t in t's phase of softmax_s(qry_t . key_s / sqrt(D)) val_s ||,
     for one block of BLOCK_M positions of one phase. The output rows stay in registers; only
-    their fp32 norms are written. Head h reads head h // QRY_GROUP of qry (and so on for key and
-    val): the pass a_qk has queries q (QRY_GROUP 1) over keys k, a_kq queries k over keys q.
+    their fp32 norms are written. Head h reads head h // qry_group of qry (and so on for key and
+    val): the pass a_qk has queries q (qry_group 1) over keys k, a_kq queries k over keys q.
+    (The head counts are runtime arguments: shapes that differ only in heads share a compiled kernel.)
 
     FP8: the matrix products take e4m3 operands. q, k, v are scaled per (batch, head) by the
     powers of two in *_scale_ptr (see _fp8_scales), the softmax weights by FP8_WEIGHT_SCALE; the
@@ -952,7 +952,7 @@ def _dilated_norms_kernel(qry_ptr, sq_b, sq_h, sq_n, key_ptr, sk_b, sk_h, sk_n, 
     r = tl.program_id(0) % DILATION  # the phase: positions r, r + d, r + 2d, ...
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    hq, hk, hv = h // QRY_GROUP, h // KEY_GROUP, h // VAL_GROUP  # the heads read from each tensor
+    hq, hk, hv = h // qry_group, h // key_group, h // val_group  # the heads read from each tensor
     # Phase position i is row t = r + d*i: phase r of a tensor is its rows from r on, d apart.
     # Row offsets t * stride can pass 2^31 at long lengths, so they are int64, except the offsets
     # of a key block's rows from its first row, which stay small.
@@ -968,9 +968,9 @@ def _dilated_norms_kernel(qry_ptr, sq_b, sq_h, sq_n, key_ptr, sk_b, sk_h, sk_n, 
     logit_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     key_scale, val_scale = 1.0, 1.0
     if FP8:
-        qry_scale = tl.load(qry_scale_ptr + b * (H // QRY_GROUP) + hq)
-        key_scale = tl.load(key_scale_ptr + b * (H // KEY_GROUP) + hk)
-        val_scale = tl.load(val_scale_ptr + b * (H // VAL_GROUP) + hv)
+        qry_scale = tl.load(qry_scale_ptr + b * (H // qry_group) + hq)
+        key_scale = tl.load(key_scale_ptr + b * (H // key_group) + hk)
+        val_scale = tl.load(val_scale_ptr + b * (H // val_group) + hv)
         qry = (qry.to(tl.float32) * qry_scale).to(tl.float8e4nv)
         logit_scale = logit_scale / (qry_scale * key_scale)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -1152,13 +1152,13 @@ def _launch_dilated_scores(q, k, v, dilation, kernel):
         for norm, (qry, qry_scale, qry_group), (key, key_scale, key_group) in zip(norms, (q_in, k_in), (k_in, q_in)):
             _dilated_norms_kernel[grid](
                 qry, *qry.stride()[:3], key, *key.stride()[:3], v, *v.stride()[:3], qry_scale, key_scale, scales[2],
-                norm, N, 1 / math.sqrt(D), H=H, QRY_GROUP=qry_group, KEY_GROUP=key_group, VAL_GROUP=H // G,
-                DILATION=dilation, FP8=fp8,
+                norm, N, 1 / math.sqrt(D), H, qry_group, key_group, H // G, DILATION=dilation, FP8=fp8,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no TF32 rounding
                 HEAD_DIM=D, BLOCK_M=DILATED_BLOCK_M, BLOCK_N=DILATED_BLOCK_N,
                 BLOCK_D=max(32, triton.next_power_of_2(D)),  # tl.dot needs K >= 16, FP8 K >= 32
-                # fp32 products run on CUDA cores, whose tiles do not fit shared memory three times over
-                num_warps=8, num_stages=1 if q.dtype == torch.float32 and not fp8 else 3)
+                # three blocks of keys and values in flight: 96 KiB of shared memory for bf16 inputs
+                # (128 KiB on Hopper, which keeps the queries there too); fp32 tiles run unpipelined
+                num_warps=8, num_stages=1 if q.dtype == torch.float32 else 3)
     return _max_over_group(norms[0], G), _max_over_group(norms[1], G)
 
 
