@@ -1348,6 +1348,10 @@ def triton_dilated_scores(q, k, v, dilation, kernel=None):
     if kernel not in DILATED_KERNELS:
         raise ValueError(f"the dilated scorer's kernel must be one of {', '.join(map(repr, DILATED_KERNELS))} "
                          f"(got {kernel!r})")
+    N = q.shape[2]
+    if not isinstance(dilation, int) or dilation < 1 or N % dilation:
+        raise ValueError(f"the dilated scorer needs a dilation >= 1 that divides the sequence length {N} "
+                         f"(got {dilation!r})")
     if kernel == "sdpa":
         return sdpa_dilated_scores(q, k, v, dilation)
     return _dilated_scores_op(q, k, v, dilation, kernel)

@@ -765,10 +765,13 @@ def test_bad_tensors_raise():
             lk.lighthouse_attention(q, k, v, 2, 4, 128, impl=impl, rope=(cos.to("meta"), sin))
 
 
-def test_bad_dilated_kernel_raises():
-    q, k, v = random_qkv(CPU_CASES[0])
+def test_bad_dilated_scorer_arguments_raise():
+    q, k, v = random_qkv(CPU_CASES[0])  # N = 2048
     with pytest.raises(ValueError, match="kernel must be one of 'auto', 'fp8', 'fused', 'sdpa'"):
         lk.triton_dilated_scores(q, k, v, 4, "fp16")
+    for dilation in (3, 0):
+        with pytest.raises(ValueError, match=f"divides the sequence length 2048 \\(got {dilation}\\)"):
+            lk.triton_dilated_scores(q, k, v, dilation, "fused")
     if not (CUDA and lk._has_fp8(q.device)):
         with pytest.raises(ValueError, match="needs a GPU with FP8 tensor cores .* to 'auto' or 'fused'"):
             lk.triton_dilated_scores(q, k, v, 4, "fp8")
