@@ -209,22 +209,21 @@ def test_fp8_dilated_scores_match_reference_on_rounded_inputs(case):
 
 @fp8_only
 def test_fp8_scores_select_what_bf16_scores_select():
-    """The fraction of the layer's selected entries that FP8 scores and bf16 scores agree on.
+    """The fraction of the layer's selection (the paper's) that FP8 scores and bf16 scores agree on.
 
     The issue's target is >= 0.99 on a trained checkpoint's activations (bench.py
     --mode=fp8_agreement measures that). On these i.i.d. random inputs a CPU emulation of the same
-    rounding (torch's float8_e4m3fn) agrees on 0.954 of the paper's selection (3 seeds, all within
-    0.001) and 0.983 of the causal one: their scores are close to each other, so the 4-5% that
-    FP8 moves them reorders many. Unrelated scores agree on 0.43."""
+    rounding (torch's float8_e4m3fn) agrees on 0.954 (3 seeds, all within 0.001), not 0.99: the
+    scores of random inputs lie close together, and the 4-5% that FP8 moves them reorders some.
+    Unrelated scores agree on 0.43, so the bound below still catches FP8 gone wrong."""
     case = GPU_CASES[0]
     B, H, G, N, D, L, p, K = case
     q, k, v = random_qkv(case, dtype=torch.bfloat16, seed=0)
-    for selection, least in (("paper", 0.93), ("causal", 0.97)):
-        chosen = [lk.lighthouse_select(*lk.triton_dilated_scores(q, k, v, 4, kernel), L, p, K, selection=selection)
-                  for kernel in ("fp8", "fused")]
-        agree = sum(torch.isin(a, b).sum().item() for a, b in zip(chosen[0].flatten(0, 1), chosen[1].flatten(0, 1)))
-        print(f"FP8 and bf16 scores agree on {agree / chosen[0].numel():.4f} of the {selection} selection")
-        assert agree / chosen[0].numel() >= least
+    fp8, bf16 = (lk.lighthouse_select(*lk.triton_dilated_scores(q, k, v, 4, kernel), L, p, K)
+                 for kernel in ("fp8", "fused"))  # (B, G, M) each
+    agree = sum(torch.isin(a, b).sum().item() for a, b in zip(fp8.flatten(0, 1), bf16.flatten(0, 1))) / fp8.numel()
+    print(f"FP8 and bf16 scores agree on {agree:.4f} of the selection")
+    assert agree >= 0.93
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "many-ties"])
