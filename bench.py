@@ -1,19 +1,23 @@
 """
-Benchmarks (GPU). Three modes:
+Benchmarks (GPU). Four modes:
 
     python bench.py                                   # one layer, every variant vs dense SDPA, every N
     python bench.py --lengths 65536 --variants norm   # one length, one variant
+    python bench.py --lengths 65536 --variants dilated+sdpa dilated+fused dilated+fp8   # the dilated scorer's kernels
     python bench.py --mode=breakdown                  # one layer's time stage by stage (N=98304)
     python bench.py --mode=train --configs config/books_64k.py config/paper_98k.py   # training steps
+    python bench.py --mode=fp8_agreement --ckpt out/ckpt.pt   # FP8 vs bf16 dilated scores on a model's activations
 
 Layer mode: B=1, H=8, D=128, bf16, L=3, p=4, topk=2048 (1536 at N=98304, 1024 at N=16384 where
 2048 is outside the layer's domain); q, k, v and the output gradient laid out as the model makes
 them ((B, N, H, D) in memory). Forward and forward+backward are timed with CUDA events
 (median), peak memory is that of forward+backward above the inputs. Speedups and memory ratios
 are against cuDNN dense SDPA measured in the same process. The variants: the scorer
-(norm | dilated, dilation 4), where RoPE is applied (before_pool | +span_end) and the selection
-(the paper's | +causal); a "dilated scorer" row times the dilated scorer's two strided attention
-passes alone.
+(norm | dilated, dilation 4), where RoPE is applied (before_pool | +span_end), the selection
+(the paper's | +causal) and the dilated scorer's kernel (lighthouse_kernel.DILATED_KERNEL: the
+default picks FP8 on GPUs that have it | +sdpa, its two SDPA passes | +fused, the fused kernel
+in bf16 | +fp8); a "dilated scorer" row times the scorer alone (forward; peak memory above the
+inputs), once per kernel among the variants.
 
 Breakdown mode: each stage of the layer on its own, plus two before/after measurements of
 copies the layer avoids: the scatter backward reading a transposed gradient through its strides
@@ -26,6 +30,12 @@ the FLOPs the model needs per second over the card's peak) and peak memory, the 
 step (the same weights and tokens in every case, so eager and compiled must agree to bf16 noise),
 plus the CUDA kernels that take the most time in one compiled step of each mode.
 
+FP8 agreement mode: a train.py checkpoint runs Lighthouse-mode forward passes (bf16 autocast, the
+dilated scorer in bf16) over random windows of its validation data; for the q, k, v each
+Lighthouse layer receives, the dilated scores are computed with FP8 and with bf16 matrix
+products, and the fraction of the layer's selection (the checkpoint's settings) that the two
+agree on is reported per layer, with the scores' relative difference.
+
 Results are printed as tables and written to --json (default bench.json).
 """
 
@@ -33,19 +43,23 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lighthouse_kernel as lk
-from model import GPT, GPTConfig, read_config_file, rope_tables
+import model as model_module
+from model import GPT, CheckpointError, GPTConfig, read_config_file, rope_tables
 
 LENGTHS = [16384, 32768, 65536, 98304, 131072, 262144, 524288]
 B, H, D, LEVELS, POOL = 1, 8, 128, 3, 4
-VARIANTS = ["norm", "norm+span_end", "dilated", "dilated+span_end", "norm+causal"]
+VARIANTS = ["norm", "norm+span_end", "dilated", "dilated+sdpa", "dilated+span_end", "norm+causal"]  # the default
+MORE_VARIANTS = ["dilated+fused", "dilated+fp8"]  # the dilated scorer's fused kernel in bf16, in FP8
 H100_PEAK_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (an H200 has the same), for MFU
 
 
@@ -108,18 +122,28 @@ def layer_variants(N, topk, variants):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return attend
 
-    def ours(variant):  # e.g. "dilated+span_end": the scorer, then options (span_end, causal)
+    def ours(variant):  # e.g. "dilated+span_end": the scorer, then options (span_end, causal, sdpa, fused, fp8)
         scorer, *options = variant.split("+")
         rope = (cos, sin) if "span_end" in options else None
         selection = "causal" if "causal" in options else "paper"
-        return lambda q, k, v: lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton", scorer=scorer,
-                                                       rope=rope, selection=selection)
+        kernel = dilated_kernel(variant)
+
+        def attend(q, k, v):
+            lk.DILATED_KERNEL = kernel  # a module setting: each variant sets its own
+            return lk.lighthouse_attention(q, k, v, LEVELS, POOL, topk, impl="triton", scorer=scorer, rope=rope,
+                                           selection=selection)
+        return attend
 
     attends = {"dense cuDNN": dense(SDPBackend.CUDNN_ATTENTION)}
     if N <= 131072:  # flash is ~1.7x slower than cuDNN; past 128K it only costs time to show it again
         attends["dense flash"] = dense(SDPBackend.FLASH_ATTENTION)
     attends.update({variant: ours(variant) for variant in variants})
     return attends
+
+
+def dilated_kernel(variant):
+    """The dilated scorer's kernel a variant names ("dilated+fp8": "fp8"), else the default "auto"."""
+    return next((option for option in variant.split("+")[1:] if option in lk.DILATED_KERNELS), "auto")
 
 
 def bench_layers(lengths, topk, variants):
@@ -140,23 +164,26 @@ def bench_layers(lengths, topk, variants):
             rows.append(dict(N=N, topk=topk_N, impl=name, fwd_ms=time_ms(forward, budget),
                              fwd_bwd_ms=time_ms(forward_backward, budget), peak_mib=peak_mib(forward_backward)))
             print(json.dumps(rows[-1]), flush=True)
-        if any(v.startswith("dilated") for v in variants):  # the scorer's own cost, forward only
-            scorer_ms = time_ms(lambda: lk.triton_dilated_scores(q, k, v, 4), budget)
-            rows.append(dict(N=N, topk=topk_N, impl="dilated scorer", fwd_ms=scorer_ms))
+        for kernel in dict.fromkeys(dilated_kernel(v) for v in variants if v.startswith("dilated")):
+            def score():  # the scorer's own cost, forward only
+                lk.triton_dilated_scores(q, k, v, 4, kernel)
+
+            rows.append(dict(N=N, topk=topk_N, impl=f"dilated scorer ({kernel})", fwd_ms=time_ms(score, budget),
+                             peak_mib=peak_mib(score)))
             print(json.dumps(rows[-1]), flush=True)
         del q, k, v, dout
     return rows
 
 
 def print_layer_table(rows):
-    print(f"\n{'N':>7} {'impl':<17} {'fwd ms':>8} {'fwd+bwd ms':>11} {'vs cuDNN':>9} {'peak MiB':>9} {'mem/dense':>9}")
+    print(f"\n{'N':>7} {'impl':<24} {'fwd ms':>8} {'fwd+bwd ms':>11} {'vs cuDNN':>9} {'peak MiB':>9} {'mem/dense':>9}")
     dense = {r["N"]: r for r in rows if r["impl"] == "dense cuDNN"}
     for r in rows:
-        if "fwd_bwd_ms" not in r:
-            print(f"{r['N']:>7} {r['impl']:<17} {r['fwd_ms']:>8.2f}")
+        if "fwd_bwd_ms" not in r:  # a scorer alone: forward only
+            print(f"{r['N']:>7} {r['impl']:<24} {r['fwd_ms']:>8.2f} {'':>11} {'':>9} {r['peak_mib']:>9.0f}")
             continue
         base = dense[r["N"]]
-        print(f"{r['N']:>7} {r['impl']:<17} {r['fwd_ms']:>8.2f} {r['fwd_bwd_ms']:>11.2f} "
+        print(f"{r['N']:>7} {r['impl']:<24} {r['fwd_ms']:>8.2f} {r['fwd_bwd_ms']:>11.2f} "
               f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:>8.1f}x {r['peak_mib']:>9.0f} "
               f"{r['peak_mib'] / base['peak_mib']:>9.2f}")
 
@@ -324,16 +351,80 @@ def print_train_table(rows):
                 print(f"  {ms:8.1f} ms {100 * share:5.1f}%  {name}")
 
 
+def selection_agreement(a, b):
+    """The fraction of the entries selected in a (B, G, M) (-1: an unused slot) that b selects too."""
+    hits = sum((torch.isin(x, y) & (x >= 0)).sum().item() for x, y in zip(a.flatten(0, 1), b.flatten(0, 1)))
+    return hits / (a >= 0).sum().item()
+
+
+def bench_fp8_agreement(ckpt_path, n_windows, seed=0):
+    """FP8 agreement mode (see the module docstring): rows of (window, layer, agreement, the
+    relative difference of the q- and k-scores)."""
+    try:
+        model, ckpt = GPT.from_checkpoint(ckpt_path, "cuda")
+        model.config.check(lighthouse=True)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {ckpt_path}: {e}") from None
+    c = model.config
+    path = os.path.join(ckpt.get("data_dir") or "", "val.bin")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: the checkpoint's data_dir must hold the val.bin it was trained with")
+    val = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(val) <= c.block_size:
+        raise SystemExit(f"error: {path} has {len(val)} tokens, too few for a window of {c.block_size + 1}")
+    starts = np.random.default_rng(seed).integers(0, len(val) - c.block_size, n_windows)
+    layers, rows = model.lighthouse_layers(), []
+    layer_itself = model_module.lighthouse_attention
+
+    def measure(q, k, v, *args, **kwargs):  # each Lighthouse layer calls this instead of the layer
+        chosen, scores = [], []
+        for kernel in ("fp8", "fused"):
+            scores.append(lk.triton_dilated_scores(q, k, v, c.lh_dilation, kernel))  # (B, G, N) twice
+            chosen.append(lk.lighthouse_select(*scores[-1], c.lh_levels, c.lh_pool, c.lh_topk, selection=c.lh_selection))
+        rows.append(dict(window=len(rows) // len(layers), layer=layers[len(rows) % len(layers)],
+                         agreement=selection_agreement(*chosen),
+                         q_score_rel_diff=((scores[0][0] - scores[1][0]).norm() / scores[1][0].norm()).item(),
+                         k_score_rel_diff=((scores[0][1] - scores[1][1]).norm() / scores[1][1].norm()).item()))
+        return layer_itself(q, k, v, *args, **kwargs)
+
+    model.set_attention("lighthouse")
+    lk.DILATED_KERNEL = "fused"  # the activations of the model as it trained without FP8
+    model_module.lighthouse_attention = measure
+    try:
+        for start in starts:
+            x = torch.from_numpy(val[start:start + c.block_size].astype(np.int64)).cuda()[None]  # (1, N)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+    finally:
+        model_module.lighthouse_attention = layer_itself
+    print(f"\n{ckpt_path}: N={c.block_size}, L={c.lh_levels}, p={c.lh_pool}, topk={c.lh_topk}, dilation "
+          f"{c.lh_dilation}, selection {c.lh_selection}; {n_windows} windows of {path}")
+    print(f"{'layer':>5} {'agreement mean':>15} {'min':>7} {'q-score diff':>13} {'k-score diff':>13}")
+    for layer in layers:
+        mine = [r for r in rows if r["layer"] == layer]
+        print(f"{layer:>5} {statistics.mean(r['agreement'] for r in mine):>15.4f} {min(r['agreement'] for r in mine):>7.4f} "
+              f"{statistics.mean(r['q_score_rel_diff'] for r in mine):>13.4f} "
+              f"{statistics.mean(r['k_score_rel_diff'] for r in mine):>13.4f}")
+    print(f"  all {statistics.mean(r['agreement'] for r in rows):>15.4f} {min(r['agreement'] for r in rows):>7.4f}")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["layer", "breakdown", "train"], default="layer")
+    parser.add_argument("--mode", choices=["layer", "breakdown", "train", "fp8_agreement"], default="layer")
     parser.add_argument("--lengths", type=int, nargs="+", help="default: all of LENGTHS (layer), 98304 (breakdown)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="layer mode")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS + MORE_VARIANTS, default=VARIANTS, help="layer mode")
     parser.add_argument("--configs", nargs="+", default=["config/books_64k.py"], help="train mode")
     parser.add_argument("--iters", type=int, default=10, help="train mode: timed steps per case")
     parser.add_argument("--topk", type=int, help="layer and breakdown modes: this topk at every length")
+    parser.add_argument("--ckpt", help="fp8_agreement mode: a checkpoint written by train.py")
+    parser.add_argument("--windows", type=int, default=4, help="fp8_agreement mode: validation windows")
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args()
+    if args.mode == "fp8_agreement" and not args.ckpt:
+        parser.error("--mode=fp8_agreement needs --ckpt <checkpoint written by train.py>")
+    if args.windows < 1:
+        parser.error(f"--windows must be >= 1 (got {args.windows})")
     if not torch.cuda.is_available():
         raise SystemExit("bench.py needs a CUDA GPU (it times GPU kernels); none is available here")
     started = time.time()
@@ -345,6 +436,8 @@ def main():
         print_layer_table(rows)
     elif args.mode == "breakdown":
         rows = [r for N in args.lengths or [98304] for r in bench_breakdown(N, args.topk)] + bench_copies()
+    elif args.mode == "fp8_agreement":
+        rows = bench_fp8_agreement(args.ckpt, args.windows)
     else:
         try:
             rows = [r for config in args.configs for r in bench_train(config, args.iters)]

@@ -38,12 +38,17 @@ The file reads top to bottom as the method:
   * The domain: what the layer accepts (check_lighthouse_config), with errors that say what to
     change, checked before any work.
   * The Triton path: the kernels, each the twin of a reference step (the norms, the pooling, the
-    selection + order, the gather with the span-end rotation fused, the scatter, and the
-    backward passes of the last two), then their host wrappers (`triton_*`) and their
-    registration as torch ops, so that torch.compile sees each launch as one call instead of
-    breaking its graph; composed by `lighthouse_triton`. The attention core and the dilated
-    scorer's two attention passes stay torch SDPA (cuDNN on an H100/H200). It computes the same
-    function as the reference, deterministically (no atomics).
+    dilated scorer, the selection + order, the gather with the span-end rotation fused, the
+    scatter, and the backward passes of the last two), then their host wrappers (`triton_*`)
+    and their registration as torch ops, so that torch.compile sees each launch as one call
+    instead of breaking its graph; composed by `lighthouse_triton`. The attention core stays
+    torch SDPA (cuDNN on an H100/H200). It computes the same function as the reference,
+    deterministically (no atomics), with one exception where the GPU allows: the dilated
+    scorer's kernel runs both of its attention passes flash-style and writes only the fp32 norm
+    of each output row; on GPUs with FP8 tensor cores its matrix products take FP8 (e4m3)
+    operands by default: coarser scores (e4m3 keeps 3 mantissa bits), which can change part of
+    the selection (DILATED_KERNEL picks FP8, the inputs' dtype, or sdpa_dilated_scores, its
+    readable twin on two SDPA passes).
 
 Public entry points: lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm",
 dilation=4, rope=None) and lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None).
@@ -882,6 +887,113 @@ def _scatter_backward_kernel(grad_ptr, sg_b, sg_h, sg_n, idx_ptr, dattn_ptr, N, 
              mask=m_ok[:, None] & d_ok[None, :])
 
 
+# The softmax weights (in [0, 1]) are multiplied by this before they are cast to FP8 for the
+# product with the values: a power of two, so scaling is exact; the largest weight becomes 256,
+# below e4m3's largest finite value (448), and weights down to 2^-17 instead of 2^-9 stay above zero.
+FP8_WEIGHT_SCALE = tl.constexpr(256.0)
+
+
+@triton.jit
+def _dilated_attend(acc, l_i, m_i, qry, i, lo, hi, key_ptrs, key_step, val_ptrs, val_step, n_phase, logit_scale,
+                    key_scale, val_scale, DIAGONAL: tl.constexpr, FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The keys at phase positions lo .. hi-1, BLOCK_N at a time, into the online softmax of the
+    query rows at phase positions i: m_i is each row's largest logit so far (in log2 units), l_i
+    the sum of exp2(logit - m_i), acc the sum of those weights times the value rows. key_ptrs,
+    val_ptrs (BLOCK_N, BLOCK_D) point at the rows of the block at lo; the next block's rows lie
+    BLOCK_N * step elements on. The blocks before the diagonal lie in every query row's past; the
+    DIAGONAL ones need the causal mask, and only they can reach past the phase's end."""
+    d_ok = tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # phase positions of this block's keys
+        ok = d_ok
+        if DIAGONAL:
+            ok = ok & (j < n_phase)[:, None]
+        key = tl.load(key_ptrs, mask=ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        val = tl.load(val_ptrs, mask=ok, other=0.0)
+        if FP8:
+            key = (key.to(tl.float32) * key_scale).to(tl.float8e4nv)
+            val = (val.to(tl.float32) * val_scale).to(tl.float8e4nv)
+        logits = tl.dot(qry, tl.trans(key), input_precision=DOT_PRECISION) * logit_scale  # (BLOCK_M, BLOCK_N)
+        if DIAGONAL:
+            logits = tl.where(j[None, :] <= i[:, None], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        weights = tl.exp2(logits - m_new[:, None])  # (BLOCK_M, BLOCK_N), each in [0, 1]
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old maximum
+        l_i = l_i * alpha + tl.sum(weights, axis=1)
+        if FP8:
+            weights = (weights * FP8_WEIGHT_SCALE).to(tl.float8e4nv)
+        else:
+            weights = weights.to(val.dtype)
+        acc = acc * alpha[:, None] + tl.dot(weights, val, input_precision=DOT_PRECISION)
+        m_i = m_new
+        key_ptrs += BLOCK_N * key_step
+        val_ptrs += BLOCK_N * val_step
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _dilated_norms_kernel(qry_ptr, sq_b, sq_h, sq_n, key_ptr, sk_b, sk_h, sk_n, val_ptr, sv_b, sv_h, sv_n,
+                          qry_scale_ptr, key_scale_ptr, val_scale_ptr, norm_ptr, N, sm_scale, H, qry_group,
+                          key_group, val_group, DILATION: tl.constexpr, FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """One pass of ref_dilated_scores, before the max over groups, flash-style: for query head h,
+    norm[b, h, t] = || sum over s <= t in t's phase of softmax_s(qry_t . key_s / sqrt(D)) val_s ||,
+    for one block of BLOCK_M positions of one phase. The output rows stay in registers; only
+    their fp32 norms are written. Head h reads head h // qry_group of qry (and so on for key and
+    val): the pass a_qk has queries q (qry_group 1) over keys k, a_kq queries k over keys q.
+    (The head counts are runtime arguments: shapes that differ only in heads share a compiled kernel.)
+
+    FP8: the matrix products take e4m3 operands. q, k, v are scaled per (batch, head) by the
+    powers of two in *_scale_ptr (see _fp8_scales), the softmax weights by FP8_WEIGHT_SCALE; the
+    logits and the norm are divided by the same factors, in fp32."""
+    n_phase = N // DILATION
+    # the last blocks of a phase attend over the most keys: launch them first, and the short
+    # ones fill in at the end
+    m_block = tl.cdiv(n_phase, BLOCK_M) - 1 - tl.program_id(0) // DILATION
+    r = tl.program_id(0) % DILATION  # the phase: positions r, r + d, r + 2d, ...
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    hq, hk, hv = h // qry_group, h // key_group, h // val_group  # the heads read from each tensor
+    # Phase position i is row t = r + d*i: phase r of a tensor is its rows from r on, d apart.
+    # Row offsets t * stride can pass 2^31 at long lengths, so they are int64, except the offsets
+    # of a key block's rows from its first row, which stay small.
+    diagonal = m_block * BLOCK_M  # phase position of the first query row, and of the diagonal key block
+    i = diagonal + tl.arange(0, BLOCK_M)  # this block's query rows, as phase positions
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    qry = tl.load(qry_ptr + b * sq_b + hq * sq_h + (r + DILATION * i.to(tl.int64))[:, None] * sq_n + d[None, :],
+                  mask=(i < n_phase)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    # (BLOCK_N, BLOCK_D) pointers to the first key block's rows (phase positions 0 .. BLOCK_N-1)
+    key_ptrs = key_ptr + b * sk_b + hk * sk_h + r * sk_n + (n[:, None] * DILATION * sk_n + d[None, :])
+    val_ptrs = val_ptr + b * sv_b + hv * sv_h + r * sv_n + (n[:, None] * DILATION * sv_n + d[None, :])
+    logit_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    key_scale, val_scale = 1.0, 1.0
+    if FP8:
+        qry_scale = tl.load(qry_scale_ptr + b * (H // qry_group) + hq)
+        key_scale = tl.load(key_scale_ptr + b * (H // key_group) + hk)
+        val_scale = tl.load(val_scale_ptr + b * (H // val_group) + hv)
+        qry = (qry.to(tl.float32) * qry_scale).to(tl.float8e4nv)
+        logit_scale = logit_scale / (qry_scale * key_scale)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _dilated_attend(acc, l_i, m_i, qry, i, 0, diagonal, key_ptrs, DILATION * sk_n, val_ptrs,
+                                    DILATION * sv_n, n_phase, logit_scale, key_scale, val_scale, False, FP8,
+                                    DOT_PRECISION, HEAD_DIM, BLOCK_N, BLOCK_D)
+    to_diagonal = diagonal.to(tl.int64) * DILATION  # rows from the first key to the diagonal block's
+    acc, l_i, m_i = _dilated_attend(acc, l_i, m_i, qry, i, diagonal, diagonal + BLOCK_M, key_ptrs + to_diagonal * sk_n,
+                                    DILATION * sk_n, val_ptrs + to_diagonal * sv_n, DILATION * sv_n, n_phase,
+                                    logit_scale, key_scale, val_scale, True, FP8, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+                                    BLOCK_D)
+    out = acc / l_i[:, None]  # (BLOCK_M, BLOCK_D) the attention outputs (in FP8, times the two scales below)
+    norm = tl.sqrt(tl.sum(out * out, axis=1))
+    if FP8:
+        norm = norm / (FP8_WEIGHT_SCALE * val_scale)
+    tl.store(norm_ptr + bh * N + r + DILATION * i, norm, mask=i < n_phase)
+
+
 # -----------------------------------------------------------------------------
 # Host wrappers: allocate the outputs and launch the kernels
 
@@ -890,6 +1002,16 @@ def _scatter_backward_kernel(grad_ptr, sg_b, sg_h, sg_n, idx_ptr, dattn_ptr, N, 
 ROWS = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 64
 # Candidates the selection kernel handles at once; a tile's list longer than this is read in chunks.
 SELECT_CHUNK = 2048
+# The fused dilated scorer's query rows per program and key rows per step (BLOCK_M a multiple of
+# BLOCK_N): on a GPU 128 x 64, the usual flash-attention tile for a head dim of 128; larger in
+# the interpreter, as for ROWS.
+DILATED_BLOCK_M, DILATED_BLOCK_N = (512, 512) if os.environ.get("TRITON_INTERPRET") == "1" else (128, 64)
+# The dilated scorer on the Triton path (triton_dilated_scores): "fp8" (the fused kernel, matrix
+# products in FP8 e4m3), "fused" (the fused kernel, matrix products in the inputs' dtype), "sdpa"
+# (sdpa_dilated_scores, two SDPA passes, the readable twin) or "auto": "fp8" on GPUs with FP8
+# tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell), else "fused".
+DILATED_KERNEL = "auto"
+DILATED_KERNELS = ("auto", "fp8", "fused", "sdpa")
 
 
 def _grid(n_rows, rows_per_program, n_heads):
@@ -969,9 +1091,10 @@ def _launch_norm_scores(q, k, levels, pool):
 
 
 @torch.no_grad()
-def triton_dilated_scores(q, k, v, dilation):
-    """Twin of ref_dilated_scores: the two strided attention passes through SDPA (cuDNN or flash)
-    in the input dtype, the norms in fp32.
+def sdpa_dilated_scores(q, k, v, dilation):
+    """Twin of ref_dilated_scores, and the readable twin of the fused kernel (_launch_dilated_scores):
+    the two strided attention passes through SDPA (cuDNN or flash) in the input dtype, the norms
+    in fp32. It writes both passes' outputs, (B, d*H, N/d, D) each, to take their norms.
 
     Seen as (B, N/d, d, heads, D), a (B, N, heads, D) tensor is already phase-major: merging the
     (d, heads) dims gives d*heads independent "heads" of N/d positions each, phase r's copy of
@@ -994,6 +1117,52 @@ def triton_dilated_scores(q, k, v, dilation):
     k_all, v_all = (x.repeat_interleave(H // G, dim=1) for x in (k, v))  # (B, H, N, D)
     a_kq = F.scaled_dot_product_attention(phases(k_all), phases(q), phases(v_all), is_causal=True)
     return token_scores(a_qk), token_scores(a_kq)
+
+
+def _has_fp8(device):
+    """Whether `device` is a GPU with FP8 tensor cores (compute capability 8.9 or higher)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _fp8_scales(x):
+    """FP8 scales of x (B, h, N, D), one per (batch, head): the power of two s that puts the
+    head's largest |element| in [128, 256), so that no element passes e4m3's 448 and the small
+    ones keep as many of e4m3's binades (down to 2^-9) as possible; a power of two, so scaling
+    loses nothing. Returns (B, h) fp32."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=(2, 3), dtype=torch.float32)  # (B, h)
+    _, exponent = torch.frexp(amax.clamp(min=2.0**-100))  # amax < 2^exponent; a head of zeros: any scale works
+    return torch.ldexp(torch.ones_like(amax), 8 - exponent)
+
+
+def _launch_dilated_scores(q, k, v, dilation, kernel):
+    """Twin of ref_dilated_scores, fused (see _dilated_norms_kernel): both attention passes
+    flash-style, writing only each output row's fp32 norm, never the (B, d*H, N/d, D) outputs.
+    q, k, v are read through their strides. kernel: "fp8", "fused" (the inputs' dtype) or "auto"."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, H, N, D = q.shape
+    G = k.shape[1]
+    fp8 = kernel == "fp8" or (kernel == "auto" and _has_fp8(q.device))
+    if fp8 and not _has_fp8(q.device):
+        raise ValueError(f"the FP8 dilated scorer needs a GPU with FP8 tensor cores (compute capability >= 8.9), "
+                         f"not {q.device}: set lighthouse_kernel.DILATED_KERNEL to 'auto' or 'fused'")
+    scales = [_fp8_scales(x) for x in (q, k, v)] if fp8 else [q, q, q]  # (B, heads) each; unread without FP8
+    norms = torch.empty(2, B, H, N, dtype=torch.float32, device=q.device)  # per query head: a_qk's, a_kq's
+    # a tensor, its FP8 scales, and how many query heads share each of its heads
+    q_in, k_in = (q, scales[0], 1), (k, scales[1], H // G)
+    grid = (dilation * triton.cdiv(N // dilation, DILATED_BLOCK_M), B * H)
+    with _on_device(q):
+        # a_qk: queries q over keys k; a_kq: queries k over keys q; values v in both
+        for norm, (qry, qry_scale, qry_group), (key, key_scale, key_group) in zip(norms, (q_in, k_in), (k_in, q_in)):
+            _dilated_norms_kernel[grid](
+                qry, *qry.stride()[:3], key, *key.stride()[:3], v, *v.stride()[:3], qry_scale, key_scale, scales[2],
+                norm, N, 1 / math.sqrt(D), H, qry_group, key_group, H // G, DILATION=dilation, FP8=fp8,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no TF32 rounding
+                HEAD_DIM=D, BLOCK_M=DILATED_BLOCK_M, BLOCK_N=DILATED_BLOCK_N,
+                BLOCK_D=max(32, triton.next_power_of_2(D)),  # tl.dot needs K >= 16, FP8 K >= 32
+                # three blocks of keys and values in flight: 96 KiB of shared memory for bf16 inputs
+                # (128 KiB on Hopper, which keeps the queries there too); fp32 tiles run unpipelined
+                num_warps=8, num_stages=1 if q.dtype == torch.float32 else 3)
+    return _max_over_group(norms[0], G), _max_over_group(norms[1], G)
 
 
 def _launch_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
@@ -1124,6 +1293,11 @@ _scatter_op = _register(
     "scatter", "(Tensor attn, Tensor inv, int seq_len, int levels, int pool) -> Tensor", _launch_scatter,
     lambda attn, inv, seq_len, levels, pool: _like_layout(
         (attn.shape[0], attn.shape[1], seq_len, attn.shape[3]), True, attn.dtype, attn.device))
+_dilated_scores_op = _register(
+    "dilated_scores", "(Tensor q, Tensor k, Tensor v, int dilation, str kernel) -> (Tensor, Tensor)",
+    _launch_dilated_scores,
+    lambda q, k, v, dilation, kernel: tuple(
+        q.new_empty(q.shape[0], k.shape[1], q.shape[2], dtype=torch.float32) for _ in range(2)))
 _scatter_backward_op = _register(
     "scatter_backward", "(Tensor grad, Tensor idx, int levels, int pool) -> Tensor", _launch_scatter_backward,
     lambda grad, idx, levels, pool: grad.new_empty(*grad.shape[:2], idx.shape[2], grad.shape[3]))
@@ -1168,6 +1342,22 @@ def triton_scatter(attn, idx, inv, seq_len, levels, pool):
     """Twin of ref_scatter: attn (B, H, M, D) -> out (B, H, N, D), differentiable in attn."""
     return _Scatter.apply(attn, idx, inv, seq_len, levels, pool)
 
+
+
+def triton_dilated_scores(q, k, v, dilation, kernel=None):
+    """Twin of ref_dilated_scores: (B, H_kv, N) fp32 q- and k-scores, no gradient, with the
+    kernel DILATED_KERNEL names unless `kernel` is given (see DILATED_KERNEL)."""
+    kernel = DILATED_KERNEL if kernel is None else kernel
+    if kernel not in DILATED_KERNELS:
+        raise ValueError(f"the dilated scorer's kernel must be one of {', '.join(map(repr, DILATED_KERNELS))} "
+                         f"(got {kernel!r})")
+    N = q.shape[2]
+    if not isinstance(dilation, int) or dilation < 1 or N % dilation:
+        raise ValueError(f"the dilated scorer needs a dilation >= 1 that divides the sequence length {N} "
+                         f"(got {dilation!r})")
+    if kernel == "sdpa":
+        return sdpa_dilated_scores(q, k, v, dilation)
+    return _dilated_scores_op(q, k, v, dilation, kernel)
 
 
 def triton_score_pyramids(q, k, v, levels, pool, scorer="norm", dilation=4):

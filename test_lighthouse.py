@@ -18,6 +18,8 @@ from model import rope_tables
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+fp8_only = pytest.mark.skipif(not (CUDA and lk._has_fp8(torch.device("cuda"))),
+                              reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
 
 # (B, H, H_kv, N, D, levels, pool, topk)
 CPU_CASES = [
@@ -156,16 +158,72 @@ def test_dilated_scores_reference_equals_a_naive_loop():
     assert rel_err(q_score, expected_q) < FP32_TOL and rel_err(k_score, expected_k) < FP32_TOL
 
 
+@pytest.mark.parametrize("kernel", ["fused", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []), ids=str)
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
-def test_dilated_scores_match_reference(case, dtype):
+def test_dilated_scores_match_reference(case, dtype, kernel):
+    """The fused kernel (matrix products in the inputs' dtype) and its SDPA twin."""
     B, H, G, N, D, L, p, K = case
     q, k, v = random_qkv(case, dtype=dtype)
-    ours = lk.triton_dilated_scores(q, k, v, 4)
+    ours = lk.triton_dilated_scores(q, k, v, 4, kernel)
     ref = lk.ref_dilated_scores(q.float(), k.float(), v.float(), 4)
     for o, r in zip(ours, ref):
         assert o.dtype == torch.float32 and o.shape == (B, G, N)
         assert rel_err(o, r) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+def test_fused_dilated_scores_in_small_blocks(monkeypatch, dilation):
+    """With blocks of 32 query rows and 16 keys, a phase of 200 / dilation positions spans several
+    blocks and ends inside one (no length is a multiple of 32), so the blocks before the diagonal,
+    the diagonal's two key blocks and the masked tail all run; GQA 2:1, and q, k, v laid out as
+    (B, N, H, D) in memory, as the model makes them."""
+    monkeypatch.setattr(lk, "DILATED_BLOCK_M", 32)
+    monkeypatch.setattr(lk, "DILATED_BLOCK_N", 16)
+    case = (1, 4, 2, 200, 16, 2, 4, 128)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_qkv(case))  # (B, h, N, D) views
+    ours = lk.triton_dilated_scores(q, k, v, dilation, "fused")
+    ref = lk.ref_dilated_scores(q, k, v, dilation)
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) < FP32_TOL
+
+
+def fp8_rounded(x):
+    """x as the FP8 kernel sees it: scaled by its per-head power of two, rounded to e4m3, scaled back."""
+    scale = lk._fp8_scales(x)[..., None, None]  # (B, h, 1, 1)
+    return (x.float() * scale).to(torch.float8_e4m3fn).float() / scale
+
+
+@fp8_only
+@pytest.mark.parametrize("case", GPU_CASES[:1] + CPU_CASES[:2], ids=case_id)
+def test_fp8_dilated_scores_match_reference_on_rounded_inputs(case):
+    """The FP8 kernel against the reference given the same e4m3-rounded q, k, v: what is left is
+    the rounding of the softmax weights (0.3-0.4% in a CPU emulation with torch's float8_e4m3fn),
+    while the rounding of q and k alone moves the scores by 4-5% on these inputs."""
+    q, k, v = random_qkv(case, dtype=torch.bfloat16)
+    ours = lk.triton_dilated_scores(q, k, v, 4, "fp8")
+    ref = lk.ref_dilated_scores(*(fp8_rounded(x) for x in (q, k, v)), 4)
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) < BF16_TOL
+
+
+@fp8_only
+def test_fp8_scores_select_what_bf16_scores_select():
+    """The fraction of the layer's selection (the paper's) that FP8 scores and bf16 scores agree on.
+
+    The issue's target is >= 0.99 on a trained checkpoint's activations (bench.py
+    --mode=fp8_agreement measures that). On these i.i.d. random inputs a CPU emulation of the same
+    rounding (torch's float8_e4m3fn) agrees on 0.954 (3 seeds, all within 0.001), not 0.99: the
+    scores of random inputs lie close together, and the 4-5% that FP8 moves them reorders some.
+    Unrelated scores agree on 0.43, so the bound below still catches FP8 gone wrong."""
+    case = GPU_CASES[0]
+    B, H, G, N, D, L, p, K = case
+    q, k, v = random_qkv(case, dtype=torch.bfloat16, seed=0)
+    fp8, bf16 = (lk.lighthouse_select(*lk.triton_dilated_scores(q, k, v, 4, kernel), L, p, K)
+                 for kernel in ("fp8", "fused"))  # (B, G, M) each
+    agree = sum(torch.isin(a, b).sum().item() for a, b in zip(fp8.flatten(0, 1), bf16.flatten(0, 1))) / fp8.numel()
+    print(f"FP8 and bf16 scores agree on {agree:.4f} of the selection")
+    assert agree >= 0.93
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "many-ties"])
@@ -309,10 +367,12 @@ def test_layer_matches_reference_bf16(case, variant, monkeypatch):
     check_layer(case, torch.bfloat16, BF16_TOL, *variant)
 
 
-def test_dilated_layer_end_to_end():
-    """The Triton path with its own (SDPA) dilated scorer against the reference, unpatched. The
-    inputs are fixed: the two scorers agree only up to rounding, and fresh inputs could hold a
-    near-tie that selects differently (the scores are compared on fresh inputs above)."""
+@pytest.mark.parametrize("kernel", ["fused", "sdpa"])
+def test_dilated_layer_end_to_end(monkeypatch, kernel):
+    """The Triton path with its own dilated scorer against the reference, unpatched. The inputs
+    are fixed: the two scorers agree only up to rounding, and fresh inputs could hold a near-tie
+    that selects differently (the scores are compared on fresh inputs above)."""
+    monkeypatch.setattr(lk, "DILATED_KERNEL", kernel)
     case = CPU_CASES[1]
     B, H, G, N, D, L, p, K = case
     q, k, v = random_qkv(case, seed=3)
@@ -361,7 +421,7 @@ def test_registered_ops_pass_opcheck():
     gradients come from autograd.Functions, checked against the reference in the layer tests."""
     case = (1, 2, 1, 512, 16, 2, 4, 128)
     B, H, G, N, D, L, p, K = case
-    q, k, _ = random_qkv(case)
+    q, k, v = random_qkv(case)
     scores = [lk.ref_score_pyramid(s, L, p) for s in lk.ref_norm_scores(q, k)]
     idx, inv = lk.triton_select(*scores, N, L, p, K)
     cos, sin = tables(N, D)
@@ -371,6 +431,7 @@ def test_registered_ops_pass_opcheck():
     tests = ("test_schema", "test_faketensor")
     for op, args in [
             (lk.triton_norm_scores, (q, k, L, p)),
+            (lk._dilated_scores_op, (q, k, v, 4, "fused")),
             (lk.triton_select, (*scores, N, L, p, K)),
             (lk._gather_op, (q, idx, L, p, cos, sin)),
             (lk._gather_op, (k, idx, L, p, None, None)),
@@ -701,6 +762,18 @@ def test_bad_tensors_raise():
             lk.lighthouse_attention(q, k, v, 2, 4, 128, impl=impl, rope=(cos[:1000], sin))
         with pytest.raises(ValueError, match="cos is on meta"):
             lk.lighthouse_attention(q, k, v, 2, 4, 128, impl=impl, rope=(cos.to("meta"), sin))
+
+
+def test_bad_dilated_scorer_arguments_raise():
+    q, k, v = random_qkv(CPU_CASES[0])  # N = 2048
+    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'fp8', 'fused', 'sdpa'"):
+        lk.triton_dilated_scores(q, k, v, 4, "fp16")
+    for dilation in (3, 0):
+        with pytest.raises(ValueError, match=f"divides the sequence length 2048 \\(got {dilation}\\)"):
+            lk.triton_dilated_scores(q, k, v, dilation, "fused")
+    if not (CUDA and lk._has_fp8(q.device)):
+        with pytest.raises(ValueError, match="needs a GPU with FP8 tensor cores .* to 'auto' or 'fused'"):
+            lk.triton_dilated_scores(q, k, v, 4, "fp8")
 
 
 def test_launch_grids_stay_within_cuda_limits():
