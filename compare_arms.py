@@ -10,21 +10,30 @@ RUN/eval_long.json), which records the seed the run was trained with. Runs of di
 the same seed started from the same weights and saw the same data: they are compared in pairs.
 Each arm needs one run per seed. Columns:
   final val loss     the dense validation loss at the end (train.py's last evaluation)
+  vs baseline        paired: the run's final loss minus the same-seed baseline run's, mean ± std
+                     over the seeds; "result" when |mean| > 2 standard errors, else "not resolved"
+  at equal time      paired: the run's final loss minus the same-seed baseline run's loss at the
+                     run's train s (interpolated between the baseline's evaluations); negative:
+                     better per second
+  at switch          the Lighthouse-mode validation loss at the end of the Lighthouse phase (with
+                     the paper's selection it reads ahead: see probe_lookahead.py)
+  switch spike       at the switch, the same weights' dense-mode minus Lighthouse-mode validation
+                     loss: what switching to dense attention costs at once
   last T loss        eval_long: the loss of each window's last T tokens (1024, or half of a shorter
                      window), given the whole window
   far context        eval_long: how much worse the last T tokens are given only the last T
   copy acc @ D       eval_long: accuracy on the second copy of a passage at the largest distance D
-  tok/s per phase    the median over each phase's log lines, its first left out (it holds the compile)
+  tok/s per phase    the median over each phase's log lines, its first left out (it holds the
+                     compile): the context-length warmup (short), Lighthouse, dense
   train s            training seconds, evaluations excluded, compilation included
   steady s           the time the run's tokens take at its phase rates: train s without compilation
-  vs baseline        the baseline arm's mean steady s over this arm's
-  at equal time      the run's final loss minus the same-seed baseline run's loss at the run's train s
-                     (interpolated between the baseline's evaluations); negative: better per second
+  speed-up           the baseline arm's mean steady s over this arm's
 """
 
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,7 +48,11 @@ def read_run(folder):
     with open(os.path.join(folder, "eval_long.json")) as f:
         entry = json.load(f)["checkpoints"][0]
     run = dict(folder=folder, seed=entry.get("train_seed"), final=evals[-1]["val_loss"], train_s=logs[-1]["elapsed_s"],
-               curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0)
+               curve=[(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in evals], rate={}, steady_s=0.0,
+               at_switch=None, spike=None)
+    if any(r["phase"] == "lighthouse" for r in logs):
+        switch = [r for r in evals if "val_loss_lighthouse" in r][-1]  # the last Lighthouse-phase evaluation
+        run["at_switch"], run["spike"] = switch["val_loss_lighthouse"], switch["val_loss"] - switch["val_loss_lighthouse"]
     before = 0  # the tokens of the phases before this one (each phase's last iteration is logged)
     for phase in ("short", "lighthouse", "dense"):  # in the order a run goes through them
         in_phase = [r for r in logs if r["phase"] == phase]
@@ -64,6 +77,17 @@ def loss_at(curve, seconds):
     return curve[-1][2] if seconds > curve[-1][0] else curve[0][2]
 
 
+def paired(differences):
+    """Per-seed differences from the baseline: mean ± std, and whether the mean is a result."""
+    if not differences:
+        return "–"
+    if len(differences) < 2:
+        return f"{differences[0]:+.3f} (1 seed)"
+    mean, std = statistics.mean(differences), statistics.stdev(differences)
+    verdict = "result" if abs(mean) > 2 * std / math.sqrt(len(differences)) else "not resolved"
+    return f"{mean:+.3f} ± {std:.3f} ({verdict})"
+
+
 def mean_std(values, digits=3):
     if not values or None in values:
         return "–"
@@ -76,21 +100,23 @@ def table(arms, baseline):
     base = arms[baseline]
     base_steady = statistics.mean(r["steady_s"] for r in base.values())
     tail = next(iter(base.values()))["tail"]
-    rows = [f"| arm | seeds | final val loss | last {tail} loss | far context | copy acc @ D "
-            "| tok/s Lighthouse / dense | train s | steady s | vs baseline | at equal time |", "|" + "---|" * 11]
+    rows = [f"| arm | seeds | final val loss | vs {baseline} | at equal time | at switch | switch spike | last {tail} loss "
+            "| far context | copy acc @ D | tok/s short / Lighthouse / dense | train s | steady s | speed-up |",
+            "|" + "---|" * 14]
     for name, runs in arms.items():
         seeds = sorted(runs)
         values = lambda key: [runs[s][key] for s in seeds]  # noqa: E731 (one value per seed)
         rates = [statistics.mean(runs[s]["rate"][p] for s in seeds) if p in runs[seeds[0]]["rate"] else None
-                 for p in ("lighthouse", "dense")]
+                 for p in ("short", "lighthouse", "dense")]
         rate_text = " / ".join(f"{r / 1e3:.0f}k" if r else "–" for r in rates)
-        paired = [s for s in seeds if s in base]
-        equal_time = [runs[s]["final"] - loss_at(base[s]["curve"], runs[s]["train_s"]) for s in paired]
-        rows.append(f"| {name} | {len(seeds)} | {mean_std(values('final'))} | {mean_std(values('last_tail'))} | "
+        pairs = [s for s in seeds if s in base] if name != baseline else []
+        final = paired([runs[s]["final"] - base[s]["final"] for s in pairs])
+        equal_time = paired([runs[s]["final"] - loss_at(base[s]["curve"], runs[s]["train_s"]) for s in pairs])
+        rows.append(f"| {name} | {len(seeds)} | {mean_std(values('final'))} | {final} | {equal_time} | "
+                    f"{mean_std(values('at_switch'))} | {mean_std(values('spike'))} | {mean_std(values('last_tail'))} | "
                     f"{mean_std(values('far_context'))} | {mean_std(values('copy_accuracy'))} @ "
                     f"{runs[seeds[0]]['copy_distance']} | {rate_text} | {mean_std(values('train_s'), 0)} | "
-                    f"{mean_std(values('steady_s'), 0)} | {base_steady / statistics.mean(values('steady_s')):.2f}x | "
-                    f"{mean_std(equal_time) if name != baseline else '–'} |")
+                    f"{mean_std(values('steady_s'), 0)} | {base_steady / statistics.mean(values('steady_s')):.2f}x |")
     return "\n".join(rows)
 
 
