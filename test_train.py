@@ -125,7 +125,7 @@ def test_dense_baseline_has_no_lighthouse_phase(dataset, tmp_path):
 SHORT = dict(short_context_iters=3, short_block_size=128, lighthouse_iters=4, recovery_iters=3)  # 10 in all
 
 
-@pytest.mark.parametrize("killed_at, extra", [(8, {}), (10, {}), (3, SHORT), (4, SHORT)])
+@pytest.mark.parametrize("killed_at, extra", [(8, {}), (10, {}), (3, SHORT), (4, dict(SHORT, copy_passages=2, copy_length=32))])
 def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, killed_at, extra):
     # evals every 3 iterations: one falls on the switch (after 6), whose checkpoint a kill in
     # iteration 8 resumes from; a kill in iteration 10 resumes from the periodic one after 9.
@@ -188,6 +188,40 @@ def test_context_length_warmup_trains_short_windows_dense_then_the_phases(datase
     config = {**train.DEFAULTS, **TINY, **SHORT, "lr_schedule": "cosine"}
     assert train.learning_rate(9, config) == pytest.approx(config["min_lr"])  # the last of 10 iterations
     assert train.learning_rate(8, config) > config["min_lr"]
+
+
+def repeats(row, length):
+    """(first, later) positions of every passage of `length` tokens that occurs twice in a row."""
+    seen, found = {}, []
+    for i in range(len(row) - length + 1):
+        passage = tuple(row[i:i + length].tolist())
+        if passage in seen:
+            found.append((seen[passage], i))
+        seen.setdefault(passage, i)
+    return found
+
+
+def test_copy_passages_are_planted_in_training_windows(tmp_path):
+    """copy_passages: each training window holds its passages twice, at log-uniform distances
+    (short and long both common); without copies (validation) random text repeats nothing; the
+    ranks of DDP keep their share of the same planted windows."""
+    path = tmp_path / "random.bin"
+    np.random.default_rng(0).integers(0, 257, 100_000).astype(np.uint16).tofile(path)
+    config = dict(train.DEFAULTS, batch_size=4, block_size=511, copy_length=16)
+    windows = lambda batches: torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in  # noqa: E731
+                                         (batches.next() for _ in range(50))])  # (200, 512): whole windows
+    distances = []
+    for row in windows(train.Batches(str(path), config, "cpu", seed=1, copies=1)):
+        found = {later - first for first, later in repeats(row, 16)}  # (a chance match extends it by a token)
+        assert len(found) == 1  # one passage, twice
+        distances += found
+    assert min(distances) >= 16 and max(distances) <= 512 - 16
+    assert sum(d < 64 for d in distances) > 20 and sum(d > 128 for d in distances) > 20  # log-uniform: 16..496
+    assert not any(repeats(row, 16) for row in windows(train.Batches(str(path), config, "cpu", seed=1)))
+    whole = train.Batches(str(path), dict(config, batch_size=2), "cpu", seed=1, copies=3).next()[0]
+    halves = [train.Batches(str(path), dict(config, batch_size=1), "cpu", seed=1, rank=r, world_size=2, copies=3)
+              .next()[0] for r in (0, 1)]
+    assert torch.equal(whole, torch.cat(halves))
 
 
 def test_learning_rate_warmup_then_constant_or_cosine():
@@ -406,6 +440,9 @@ def test_dense_model_is_causal():
     (dict(short_context_iters=2, short_block_size=500), r"short_block_size \(500\) must divide block_size \(512\) "
                                                         r"and be shorter.*e\.g\. 32 or 64 or 128"),
     (dict(short_context_iters=2, short_block_size=512), r"short_block_size \(512\) must divide"),
+    (dict(copy_passages=1, copy_length=300), r"copy_length \(300\) must be at most half the shortest training "
+                                             r"window \(512\).*lower it to 256"),
+    (dict(copy_passages=1, copy_length=100, short_context_iters=2, short_block_size=128), r"window \(128\)"),
 ])
 def test_bad_config_fails_before_training(dataset, overrides, message):
     config = dict(train.DEFAULTS, **TINY, dataset=dataset)

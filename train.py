@@ -67,6 +67,8 @@ TRAINER_SETTINGS = dict(
     # data
     dataset=("shakespeare_bytes", "folder under data/ (or a path) with train.bin, val.bin, meta.json"),
     batch_size=(4, "sequences per micro-step (per GPU)"),
+    copy_passages=(0, "passages per training window copied to a later point of it: recall to learn (0: none)"),
+    copy_length=(256, "tokens per copied passage; the distance is log-uniform from copy_length to the window"),
     gradient_accumulation_steps=(1, "micro-steps per iteration, summed over all GPUs"),
     # the two phases, after an optional context-length warmup
     short_context_iters=(0, "iterations before phase 1 on short windows, dense (a context-length warmup; 0: none)"),
@@ -171,9 +173,9 @@ def data_dir(config):
 # first, then the rules that involve several keys.
 RANGES = [  # (what the value must be, the test, the keys)
     ("a non-empty name", lambda v: v != "", ("out_dir", "dataset")),
-    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size", "short_block_size",
+    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size", "short_block_size", "copy_length",
                                 "gradient_accumulation_steps")),
-    (">= 0", lambda v: v >= 0, ("ckpt_interval", "short_context_iters", "lighthouse_iters", "recovery_iters", "warmup_iters", "min_lr",
+    (">= 0", lambda v: v >= 0, ("ckpt_interval", "short_context_iters", "copy_passages", "lighthouse_iters", "recovery_iters", "warmup_iters", "min_lr",
                                 "weight_decay", "grad_clip")),
     ("> 0", lambda v: v > 0, ("learning_rate", "peak_flops")),
     ("in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2")),
@@ -209,6 +211,10 @@ def validate(config, world_size=1):
     if c["learning_rate"] * c["weight_decay"] >= 1:  # AdamW scales the weights by 1 - lr * weight_decay per step
         raise ConfigError(f"learning_rate * weight_decay = {c['learning_rate'] * c['weight_decay']:g} must be below 1: "
                           f"each step multiplies the weights by 1 - that; lower weight_decay")
+    shortest = c["short_block_size"] if c["short_context_iters"] else c["block_size"]
+    if c["copy_passages"] and 2 * c["copy_length"] > shortest:
+        raise ConfigError(f"copy_length ({c['copy_length']}) must be at most half the shortest training window "
+                          f"({shortest}), so that a passage and its copy fit: lower it to {shortest // 2} or less")
     if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
         raise ConfigError(f"out_dir {c['out_dir']} is a file, not a folder; choose another out_dir")
     if c["init_from"] == "resume" and not any(os.path.exists(p) for p in checkpoint_paths(c["out_dir"])):
@@ -323,11 +329,16 @@ class Batches:
 
     Under DDP every rank holds the same generator and draws the windows of all ranks, then keeps
     its own slice: the ranks see different data, and the stream of global batches is the same for
-    any number of processes (2 GPUs x 1 micro-step = 1 GPU x 2 micro-steps, batch for batch)."""
+    any number of processes (2 GPUs x 1 micro-step = 1 GPU x 2 micro-steps, batch for batch).
 
-    def __init__(self, path, config, device, seed, rank=0, world_size=1):
+    With copies > 0 (training only), each window gets that many passages of copy_length tokens
+    copied to a later point of the same window: a recall task mixed into the text, which a model
+    can only learn by attending back over the distance (log-uniform, so long ones are common)."""
+
+    def __init__(self, path, config, device, seed, rank=0, world_size=1, copies=0):
         self.path, self.device, self.rank, self.world_size = path, device, rank, world_size
         self.batch_size, self.block_size = config["batch_size"], config["block_size"]
+        self.copies, self.copy_length = copies, config["copy_length"]
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self, batch_size=None, block_size=None):
@@ -338,10 +349,25 @@ class Batches:
         starts = torch.randint(len(data) - block_size - 1, (self.world_size * batch_size,), generator=self.generator)
         starts = starts[self.rank * batch_size:(self.rank + 1) * batch_size]  # this rank's share
         window = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)) for s in starts])
+        if self.copies:
+            self.plant_copies(window, batch_size)
         x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (batch, block_size) each: inputs, next tokens
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def plant_copies(self, window, batch_size):
+        """In place: in each (block_size + 1)-token row, `copies` times, the passage at s is copied
+        to s + distance. Drawn for every rank's windows, like the starts, then this rank's kept."""
+        length, span = self.copy_length, window.shape[1]
+        u = torch.rand(self.world_size * batch_size, self.copies, 2, generator=self.generator)
+        u = u[self.rank * batch_size:(self.rank + 1) * batch_size]  # (batch, copies, 2): this rank's share
+        # distance log-uniform in [length, span - length]; the start uniform where both copies fit
+        distance = (length * ((span - length) / length) ** u[..., 0]).long().clamp(max=span - length)
+        start = (u[..., 1] * (span - length - distance + 1)).long()
+        for row, (d_row, s_row) in enumerate(zip(distance.tolist(), start.tolist())):
+            for d, s in zip(d_row, s_row):
+                window[row, s + d:s + d + length] = window[row, s:s + length]
 
 
 # -----------------------------------------------------------------------------
@@ -524,7 +550,7 @@ class Run:
         self.optimizer = self.raw_model.configure_optimizer(config["learning_rate"], config["weight_decay"],
                                                            (config["beta1"], config["beta2"]), self.device_type)
         self.train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"],
-                                     procs.rank, procs.world_size)
+                                     procs.rank, procs.world_size, copies=config["copy_passages"])
         # the progress a checkpoint carries
         # (first_step_*: the first step of each phase in each process start, which compiles and warms up)
         per_phase = lambda: dict.fromkeys(PHASES, 0)
