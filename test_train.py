@@ -151,11 +151,15 @@ def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, k
         run(dataset, tmp_path / "killed", **settings)
     monkeypatch.setattr(train.Batches, "next", original)
     run(dataset, tmp_path / "killed", init_from="resume", **settings)
-    assert train_losses(tmp_path / "killed") == expected  # bitwise the same losses, every iteration
+    # the same losses, every iteration, to the last bits: another batch or learning rate would move
+    # them by 1e-3 or more; once in a while MKL's float sums come out 1e-7 apart for the same
+    # numbers in memory laid out otherwise (its results depend on alignment), hence rel=1e-6
+    assert train_losses(tmp_path / "killed") == pytest.approx(expected, rel=1e-6, abs=0)
     iters = [r["iter"] for r in records(tmp_path / "killed") if "train_loss" in r]
     assert iters == sorted(iters) and len(iters) == 10  # no duplicated records after the resume
     evals = [(r["iter"], r["val_loss"]) for r in records(tmp_path / "killed") if "val_loss" in r]
-    assert evals == expected_evals
+    assert [i for i, _ in evals] == [i for i, _ in expected_evals]
+    assert [v for _, v in evals] == pytest.approx([v for _, v in expected_evals], rel=1e-6, abs=0)
 
 
 def test_context_length_warmup_trains_short_windows_dense_then_the_phases(dataset, tmp_path, monkeypatch):
