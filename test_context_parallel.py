@@ -132,7 +132,10 @@ def ring_stand_in(q, k, v, is_causal):
     return cp.shard(ring_stand_in.sdpa(*whole, is_causal=is_causal), rank, world, dim=2)
 
 
-def lighthouse_worker(rank, world, port):
+ring_stand_in.sdpa = F.scaled_dot_product_attention  # the real one
+
+
+def cpu_worker(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -152,22 +155,48 @@ def lighthouse_worker(rank, world, port):
         whole = [x.clone().requires_grad_() for x in (q, k, v)]
         torch.autograd.backward(lk.lighthouse_reference(*whole, L, p, topk, rope=(cos, sin)), d_out)
         mine = [cp.shard(x, rank, world, dim=2).requires_grad_() for x in (q, k, v)]
-        ring_stand_in.sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, ring_stand_in
-        out = cp.lighthouse_cp(*mine, cp.Shard(rank, world, dist.group.WORLD), L, p, topk,
-                               rope=tuple(cp.shard(t, rank, world, dim=0) for t in (cos, sin)))
-        F.scaled_dot_product_attention = ring_stand_in.sdpa
+        shard = cp.Shard(rank, world, dist.group.WORLD)
+        F.scaled_dot_product_attention = ring_stand_in
+        out = cp.lighthouse_cp(*mine, shard, L, p, topk, rope=tuple(cp.shard(t, rank, world, dim=0) for t in (cos, sin)))
         out.backward(cp.shard(d_out, rank, world, dim=2))
         for name, x, x_whole in zip("qkv", mine, whole):
             assert_near(x.grad, cp.shard(x_whole.grad, rank, world, dim=2), FP32_TOL, f"rank {rank}: d{name}")
+
+        # a whole model (dense layers through the stand-in too): loss and gradients averaged over the
+        # ranks equal one sequence's
+        tokens = torch.randint(0, 257, (2, N + 1), generator=torch.Generator().manual_seed(2))
+        config = GPTConfig(block_size=N, vocab_size=257, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=96,
+                           dense_layers=[0], lh_levels=L, lh_pool=p, lh_topk=topk, lh_rope="span_end")
+        torch.manual_seed(0)  # the same weights on both ranks (spawned processes start from different seeds)
+        model = GPT(config)
+        names = ["loss"] + [name for name, _ in model.named_parameters()]
+        for mode in ("lighthouse", "dense"):
+            model.set_attention(mode)
+            results = []
+            for share in (None, shard):  # the whole sequence, then this rank's share
+                model.zero_grad()
+                model.set_shard(share)
+                F.scaled_dot_product_attention = ring_stand_in.sdpa if share is None else ring_stand_in
+                x, y = (t if share is None else cp.shard(t, rank, world, dim=1) for t in (tokens[:, :-1], tokens[:, 1:]))
+                loss = model(x, y)[1]
+                loss.backward()
+                results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+            for t in results[1]:  # the mean over the ranks, as DDP takes it
+                dist.all_reduce(t)
+                t /= world
+            for name, got, expected in zip(names, results[1], results[0]):
+                assert_near(got, expected, FP32_TOL, f"rank {rank}, {mode}: {name}")
     finally:
+        F.scaled_dot_product_attention = ring_stand_in.sdpa
         dist.destroy_process_group()
 
 
-def test_lighthouse_layer_on_two_processes():
-    """Two CPU processes (gloo) run the Lighthouse layer on their shares, with a stand-in for the
-    ring (exact attention over the gathered sequence): the carry exchange, its gradient, and
-    torch's layout, against the reference layer on the whole sequence."""
-    spawn(lighthouse_worker, 2)
+def test_layer_and_model_on_two_processes():
+    """Two CPU processes (gloo) run the Lighthouse layer, then a whole model in both phases, on their
+    shares, with a stand-in for the ring (exact attention over the gathered sequence): torch's
+    layout, the carry exchange and its gradient, global RoPE positions, the loss, against the
+    reference on the whole sequence."""
+    spawn(cpu_worker, 2)
 
 
 def test_config_errors():
@@ -197,6 +226,74 @@ def test_config_errors():
                 dict(cp_degree=4, world=4, topk=2048),
                 dict(N=98432, topk=1024), dict(N=98560, topk=2048)):
         check(**fix)
+
+
+def run_model(model, tokens, dtype, mesh=None):
+    """One forward and backward of model on tokens (B, N + 1): (loss, logits (B, N, V), {name: grad}),
+    each for the whole sequence. With mesh (a context-parallel group), under CP: the loss and
+    gradients averaged over the group as train.py's DDP does, the logits gathered."""
+    x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+    model.zero_grad(set_to_none=True)
+    with cp.sequence_sharded(model, mesh, x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits, loss = model(x, y)
+        loss.backward()
+    loss, grads = loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+    if mesh is not None:
+        for t in [loss, *grads.values()]:
+            dist.all_reduce(t)
+            t /= mesh.size()
+        shares = [torch.empty_like(logits) for _ in range(mesh.size())]
+        dist.all_gather(shares, logits.contiguous())
+        logits = cp.unshard(torch.stack(shares), mesh.size(), dim=1)
+    return loss, logits.detach().float(), grads
+
+
+def relative_error(a, b):
+    """|a - b| / |b| (L2) over lists of tensors."""
+    diff = sum((x.double() - y.double()).square().sum() for x, y in zip(a, b))
+    return (diff / sum(y.double().square().sum() for y in b)).sqrt().item()
+
+
+# (what, model settings): two Lighthouse layers after a dense one, 2 tiles of 128 coarsest entries per chunk
+GPU_MODELS = [
+    ("norm", {}),
+    ("span_end+gqa", dict(lh_rope="span_end", n_kv_head=2)),
+    ("checkpointing", dict(activation_checkpointing=True, checkpoint_keep_attention=True)),
+]
+
+
+def model_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        mesh = cp.make_mesh(world, "cuda")
+        N = 16384
+        tokens = torch.randint(0, 257, (1, N + 1), generator=torch.Generator().manual_seed(0)).cuda()
+        for what, settings in GPU_MODELS:
+            config = GPTConfig(**{**dict(block_size=N, vocab_size=257, n_layer=3, n_head=4, n_kv_head=4, n_embd=256,
+                                         ffn_hidden=512, dense_layers=[0], lh_levels=3, lh_pool=4, lh_topk=1024),
+                                  **settings})
+            torch.manual_seed(0)
+            model = GPT(config).cuda()
+            for mode in ("lighthouse", "dense"):
+                model.set_attention(mode)
+                case = f"rank {rank}, {what}, {mode}"
+                one, split = run_model(model, tokens, torch.float32), run_model(model, tokens, torch.float32, mesh)
+                assert_near(split[0], one[0], FP32_TOL, f"{case}: fp32 loss")
+                assert_near(split[1], one[1], FP32_TOL, f"{case}: fp32 logits")
+                for name in one[2]:
+                    assert_near(split[2][name], one[2][name], FP32_TOL, f"{case}: fp32 gradient of {name}")
+                # bf16: CP is no further from the fp32 result than one GPU in bf16 is (2x, plus a floor)
+                one16 = run_model(model, tokens, torch.bfloat16)
+                split16 = run_model(model, tokens, torch.bfloat16, mesh)
+                for kind, pick in (("logits", lambda run: [run[1]]), ("gradients", lambda run: list(run[2].values()))):
+                    err_one, err_split = (relative_error(pick(run), pick(one)) for run in (one16, split16))
+                    assert err_split <= 2 * err_one + 1e-3, \
+                        f"{case}: bf16 {kind} off by {err_split:.3g}, one GPU's by {err_one:.3g}"
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
