@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import context_parallel as cp
 import lighthouse_kernel as lk
+import train
 from model import GPT, GPTConfig, rope_tables
 
 FP32_TOL = 1e-5  # relative error between computations that differ only in the order of sums
@@ -157,7 +158,8 @@ def cpu_worker(rank, world, port):
         mine = [cp.shard(x, rank, world, dim=2).requires_grad_() for x in (q, k, v)]
         shard = cp.Shard(rank, world, dist.group.WORLD)
         F.scaled_dot_product_attention = ring_stand_in
-        out = cp.lighthouse_cp(*mine, shard, L, p, topk, rope=tuple(cp.shard(t, rank, world, dim=0) for t in (cos, sin)))
+        rope = tuple(cp.shard(t, rank, world, dim=0) for t in (cos, sin))  # the tables at this rank's positions
+        out = cp.lighthouse_cp(*mine, shard, L, p, topk, rope=rope)
         out.backward(cp.shard(d_out, rank, world, dim=2))
         for name, x, x_whole in zip("qkv", mine, whole):
             assert_near(x.grad, cp.shard(x_whole.grad, rank, world, dim=2), FP32_TOL, f"rank {rank}: d{name}")
@@ -177,7 +179,9 @@ def cpu_worker(rank, world, port):
                 model.zero_grad()
                 model.set_shard(share)
                 F.scaled_dot_product_attention = ring_stand_in.sdpa if share is None else ring_stand_in
-                x, y = (t if share is None else cp.shard(t, rank, world, dim=1) for t in (tokens[:, :-1], tokens[:, 1:]))
+                x, y = tokens[:, :-1], tokens[:, 1:]
+                if share is not None:
+                    x, y = cp.shard(x, rank, world, dim=1), cp.shard(y, rank, world, dim=1)
                 loss = model(x, y)[1]
                 loss.backward()
                 results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
@@ -294,6 +298,22 @@ def model_worker(rank, world, port):
                         f"{case}: bf16 {kind} off by {err_split:.3g}, one GPU's by {err_one:.3g}"
     finally:
         dist.destroy_process_group()
+
+
+def test_trainer_checks_context_parallel_first(monkeypatch):
+    """train.py refuses settings that cannot shard before any work, with the fix."""
+    config = dict(train.DEFAULTS, context_parallel=2)
+    with pytest.raises(SystemExit, match="config error: context_parallel=2 needs a multiple of 2 processes, got 1"):
+        train.main(["--context_parallel=2"])
+    with pytest.raises(train.ConfigError, match="needs CUDA GPUs"):
+        train.validate(dict(config, device="cpu"), world_size=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks that follow, on any machine
+    with pytest.raises(train.ConfigError, match=r"cannot be cut into 2\*context_parallel = 4 chunks"):
+        train.validate(dict(config, lh_topk=256, block_size=4096), world_size=2)  # 2 tiles, 4 chunks
+    config.update(lh_topk=512, block_size=4096)
+    train.validate(dict(config, gradient_accumulation_steps=2), world_size=4)  # 2 groups of 2
+    with pytest.raises(train.ConfigError, match=r"multiple of the number of processes \(4 over context_parallel = 2\)"):
+        train.validate(dict(config, gradient_accumulation_steps=3), world_size=4)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
