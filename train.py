@@ -8,6 +8,7 @@ run ends with an ordinary dense model. lighthouse_iters=0 is the dense baseline.
     python train.py config/books_32k.py --batch_size=2       # ...plus --key=value overrides
     python train.py config/quick_cpu.py --init_from=resume   # continue a stopped run exactly
     torchrun --standalone --nproc_per_node=2 train.py config/books_32k.py   # data parallel
+    torchrun --standalone --nproc_per_node=2 train.py config/books_64k.py --context_parallel=2   # one sequence, 2 GPUs
 
 Every setting and every data file is checked before any work starts. Validation loss is always
 measured with dense attention. In phase 1 the Lighthouse-mode loss is logged too (val_loss_lighthouse);
