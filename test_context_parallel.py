@@ -312,8 +312,8 @@ def test_trainer_checks_context_parallel_first(monkeypatch):
         train.validate(dict(config, lh_topk=256, block_size=4096), world_size=2)  # 2 tiles, 4 chunks
     config.update(lh_topk=512, block_size=4096)
     train.validate(dict(config, gradient_accumulation_steps=2), world_size=4)  # 2 groups of 2
-    with pytest.raises(train.ConfigError, match=r"multiple of the number of processes \(4 over context_parallel = 2\)"):
-        train.validate(dict(config, gradient_accumulation_steps=3), world_size=4)
+    with pytest.raises(train.ConfigError, match=r"multiple of the number of processes \(6 / context_parallel 2 = 3\)"):
+        train.validate(dict(config, gradient_accumulation_steps=4), world_size=6)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

@@ -203,7 +203,7 @@ def validate(config, world_size=1):
         raise ConfigError(str(e)) from None
     data_parallel = world_size // c["context_parallel"]  # the processes that see different sequences
     if c["gradient_accumulation_steps"] % data_parallel:
-        shared = f" over context_parallel = {data_parallel}" if c["context_parallel"] > 1 else ""
+        shared = f" / context_parallel {c['context_parallel']} = {data_parallel}" if c["context_parallel"] > 1 else ""
         raise ConfigError(f"gradient_accumulation_steps ({c['gradient_accumulation_steps']}) must be a multiple "
                           f"of the number of processes ({world_size}{shared})")
     if c["min_lr"] > c["learning_rate"]:
@@ -567,9 +567,10 @@ class Run:
             with open(self.metrics_path, "w") as f:
                 f.writelines(keep)
             print(json.dumps(self.config, indent=1))
+            cp_text = f", {self.config['context_parallel']} per sequence" if self.config["context_parallel"] > 1 else ""
             print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters (non-embedding); device "
-                  f"{self.device}; {self.procs.world_size} process(es), {self.config['context_parallel']} per "
-                  f"sequence; tokens per iteration {self.tokens_per_iter:,}")
+                  f"{self.device}; {self.procs.world_size} process(es){cp_text}; tokens per iteration "
+                  f"{self.tokens_per_iter:,}")
         self.bar = tqdm(total=self.total, initial=self.state["iter"], disable=not self.procs.master,
                         dynamic_ncols=True, desc="train")
         compile_model = self.config["compile"] if self.config["compile"] != "auto" else (
