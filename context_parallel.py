@@ -126,15 +126,15 @@ def check_context_parallel(cp, world_size, on_gpu, block_size, lighthouse, level
 # The Lighthouse layer on a rank's share
 
 
-def select_and_gather(q, k, v, levels, pool, topk, rope=None):
+def select_and_gather(q, k, v, levels, pool, topk, rope=None, impl=None):
     """Steps 1-5 of the layer on one chunk, as if it were a whole sequence (lighthouse_kernel's
-    steps: Triton on a GPU, the reference on the CPU). q (B, H, n, D), k, v (B, G, n, D) ->
-    the gathered q, k, v (B, H or G, M_chunk, D) and the selection (idx, inv) the scatter needs.
-    rope: None, or the (cos, sin) tables at the chunk's own tokens, (n, D/2), which places each
-    entry at its global position."""
+    steps; impl: "triton", "torch" (the reference), or None: Triton on a GPU, the reference on
+    the CPU). q (B, H, n, D), k, v (B, G, n, D) -> the gathered q, k, v (B, H or G, M_chunk, D)
+    and the selection (idx, inv) the scatter needs. rope: None, or the (cos, sin) tables at the
+    chunk's own tokens, (n, D/2), which places each entry at its global position."""
     n = q.shape[2]
     cos, sin = rope if rope is not None else (None, None)
-    if q.is_cuda:
+    if (impl or ("triton" if q.is_cuda else "torch")) == "triton":
         q_score, k_score = lk.triton_score_pyramids(q, k, v, levels, pool)  # (B, G, P) each
         idx, inv = lk.triton_select(q_score, k_score, n, levels, pool, topk)  # (B, G, M_chunk), (B, G, P)
         # (B, H or G, M_chunk, D) each
@@ -150,9 +150,9 @@ def select_and_gather(q, k, v, levels, pool, topk, rope=None):
     return q_sel, k_sel, v_sel, idx, inv
 
 
-def scatter(attn, idx, inv, n, levels, pool):
-    """Step 6 on one chunk of n tokens: attn (B, H, M_chunk, D) -> (B, H, n, D)."""
-    if attn.is_cuda:
+def scatter(attn, idx, inv, n, levels, pool, impl=None):
+    """Step 6 on one chunk of n tokens: attn (B, H, M_chunk, D) -> (B, H, n, D) (impl: as above)."""
+    if (impl or ("triton" if attn.is_cuda else "torch")) == "triton":
         return lk.triton_scatter(attn, idx, inv, n, levels, pool)
     return lk.ref_scatter(attn, inv, n, levels, pool)
 
@@ -171,14 +171,15 @@ def carry(attn, inv, n, levels, pool):
     return rows * (pos >= 0)[..., None]
 
 
-def add_carry(out, received, levels, pool):
-    """out (B, H, n, D) of a chunk plus the carry (B, H, L-1, D) of the chunk before it: level lvl's
-    row goes to the chunk's first p^lvl - 1 tokens. In place."""
+def head_with_carry(out, received, levels, pool):
+    """The first p^(L-1) - 1 outputs of a chunk, out (B, H, n, D), plus the carry (B, H, L-1, D) of
+    the chunk before it: level lvl's row goes to the chunk's first p^lvl - 1 tokens; the rest of
+    the chunk is unchanged. -> (B, H, p^(L-1) - 1, D). (Not in place: the Triton scatter's output
+    is a view made inside an autograd Function, which autograd does not allow to be modified.)"""
     reach = pool ** (levels - 1) - 1  # the tokens the coarsest level's carry reaches, the most of any
     u = torch.arange(reach, device=out.device)
-    reaches = torch.stack([u < pool**lvl - 1 for lvl in range(1, levels)])  # (L-1, reach): level lvl's reaches token u
-    out[:, :, :reach] += reaches.t().to(received.dtype) @ received  # (reach, L-1) @ (B, H, L-1, D) -> (B, H, reach, D)
-    return out
+    reaches = torch.stack([u < pool**lvl - 1 for lvl in range(1, levels)])  # (L-1, reach): level lvl's reaches u
+    return out[:, :, :reach] + reaches.t().to(received.dtype) @ received  # + (reach, L-1) @ (B, H, L-1, D)
 
 
 def received_carries(carries, rank, world):
@@ -211,20 +212,20 @@ def all_gather(x, group):
     return _AllGather.apply(x, group)
 
 
-def lighthouse_cp(q, k, v, shard, levels, pool, topk, rope=None):
+def lighthouse_cp(q, k, v, shard, levels, pool, topk, rope=None, impl=None):
     """The Lighthouse layer (norm scorer, the paper's selection) on rank shard.rank's share of the
     sequence: q (B, H, 2n, D), k, v (B, G, 2n, D), chunks shard.rank and 2W-1-shard.rank side by
     side -> (B, H, 2n, D), this rank's share of one GPU's output. rope: None, or the (cos, sin)
-    tables at this rank's tokens, (2n, D/2). Call it under `sequence_sharded`, which makes the
-    SDPA below ring attention."""
-    B, H, n2, D = q.shape
-    G, n = k.shape[1], n2 // 2
+    tables at this rank's tokens, (2n, D/2); impl: as for select_and_gather. Call it under
+    `sequence_sharded`, which makes the SDPA below ring attention."""
+    H, n2, G = q.shape[1], q.shape[2], k.shape[1]
+    n = n2 // 2  # tokens per chunk
     lk.check_lighthouse_config(n2 * shard.world, levels, pool, topk, H, G)
     check_shardable(n2 * shard.world, levels, pool, topk, shard.world)
     chunks = []
     for i, qkv in enumerate(zip(q.chunk(2, dim=2), k.chunk(2, dim=2), v.chunk(2, dim=2))):
         chunk_rope = None if rope is None else tuple(t[i * n:(i + 1) * n] for t in rope)  # (n, D/2) each
-        chunks.append(select_and_gather(*qkv, levels, pool, topk // (2 * shard.world), chunk_rope))
+        chunks.append(select_and_gather(*qkv, levels, pool, topk // (2 * shard.world), chunk_rope, impl))
     # the two chunks' entries side by side: (B, H or G, M_chunk, D) x 2 -> (B, H or G, 2 M_chunk, D)
     q_sel, k_sel, v_sel = (torch.cat([chunk[j] for chunk in chunks], dim=2) for j in range(3))
     if G != H:  # all query heads get their kv head's entries: ring attention takes no grouped heads
@@ -232,14 +233,16 @@ def lighthouse_cp(q, k, v, shard, levels, pool, topk, rope=None):
     attn = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True)  # (B, H, 2 M_chunk, D)
     outs, carries = [], []
     for (_, _, _, idx, inv), a in zip(chunks, attn.chunk(2, dim=2)):
-        outs.append(scatter(a, idx, inv, n, levels, pool))  # (B, H, n, D)
+        outs.append(scatter(a, idx, inv, n, levels, pool, impl))  # (B, H, n, D)
         carries.append(carry(a, inv, n, levels, pool))  # (B, H, L-1, D)
     gathered = all_gather(torch.stack(carries), shard.group)  # (W, 2, B, H, L-1, D)
+    reach = pool ** (levels - 1) - 1  # the tokens a carry reaches
+    pieces = []
     for out, received in zip(outs, received_carries(gathered, shard.rank, shard.world)):
-        add_carry(out, received, levels, pool)
-    # joined along the tokens as (B, n, H, D) views, where the scatter's outputs are contiguous, so
-    # that the model's transpose back to (B, 2n, H * D) is free: -> (B, H, 2n, D)
-    return torch.cat([out.transpose(1, 2) for out in outs], dim=1).transpose(1, 2)
+        pieces += [head_with_carry(out, received, levels, pool), out[:, :, reach:]]
+    # joined along the tokens as (B, tokens, H, D) views, where the Triton scatter's outputs are
+    # contiguous, so that the model's transpose back to (B, 2n, H * D) is free: -> (B, H, 2n, D)
+    return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1).transpose(1, 2)
 
 
 def ring_attention(q, k, v):
