@@ -171,15 +171,17 @@ def cpu_worker(rank, world, port):
                 assert_near(x.grad, expected_grad, FP32_TOL, f"rank {rank}, {impl}: d{name}")
 
         # a whole model (dense layers through the stand-in too): loss and gradients averaged over the
-        # ranks equal one sequence's
+        # ranks equal one sequence's; with activation checkpointing too (the backward recomputes the
+        # blocks, collectives included, on every rank)
         tokens = torch.randint(0, 257, (2, N + 1), generator=torch.Generator().manual_seed(2))
         config = GPTConfig(block_size=N, vocab_size=257, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=96,
                            dense_layers=[0], lh_levels=L, lh_pool=p, lh_topk=topk, lh_rope="span_end")
         torch.manual_seed(0)  # the same weights on both ranks (spawned processes start from different seeds)
         model = GPT(config)
         names = ["loss"] + [name for name, _ in model.named_parameters()]
-        for mode in ("lighthouse", "dense"):
+        for mode, checkpointing in (("lighthouse", False), ("dense", False), ("lighthouse", True)):
             model.set_attention(mode)
+            config.activation_checkpointing = config.checkpoint_keep_attention = checkpointing
             results = []
             for share in (None, shard):  # the whole sequence, then this rank's share
                 model.zero_grad()
@@ -195,7 +197,7 @@ def cpu_worker(rank, world, port):
                 dist.all_reduce(t)
                 t /= world
             for name, got, expected in zip(names, results[1], results[0]):
-                assert_near(got, expected, FP32_TOL, f"rank {rank}, {mode}: {name}")
+                assert_near(got, expected, FP32_TOL, f"rank {rank}, {mode}, checkpointing {checkpointing}: {name}")
     finally:
         F.scaled_dot_product_attention = ring_stand_in.sdpa
         dist.destroy_process_group()
