@@ -1,5 +1,5 @@
 """
-Benchmarks (GPU). Four modes:
+Benchmarks (GPU). Five modes:
 
     python bench.py                                   # one layer, every variant vs dense SDPA, every N
     python bench.py --lengths 65536 --variants norm   # one length, one variant
@@ -7,6 +7,8 @@ Benchmarks (GPU). Four modes:
     python bench.py --mode=breakdown                  # one layer's time stage by stage (N=98304)
     python bench.py --mode=train --configs config/books_64k.py config/paper_98k.py   # training steps
     python bench.py --mode=fp8_agreement --ckpt out/ckpt.pt   # FP8 vs bf16 dilated scores on a model's activations
+    python bench.py --mode=cp --configs config/paper_98k.py --json cp.json     # long steps on one GPU...
+    torchrun --standalone --nproc_per_node=2 bench.py --mode=cp --configs config/paper_98k.py --json cp.json  # ...CP=2
 
 Layer mode: B=1, H=8, D=128, bf16, L=3, p=4, topk=2048 (1536 at N=98304, 1024 at N=16384 where
 2048 is outside the layer's domain); q, k, v and the output gradient laid out as the model makes
@@ -15,8 +17,7 @@ them ((B, N, H, D) in memory). Forward and forward+backward are timed with CUDA 
 are against cuDNN dense SDPA measured in the same process. The variants: the scorer
 (norm | dilated, dilation 4), where RoPE is applied (before_pool | +span_end), the selection
 (the paper's | +causal) and the dilated scorer's kernel (lighthouse_kernel.DILATED_KERNEL: the
-default picks FP8 on GPUs that have it | +sdpa, its two SDPA passes | +fused, the fused kernel
-in bf16 | +fp8); a "dilated scorer" row times the scorer alone (forward; peak memory above the
+default and +sdpa, its two SDPA passes | +fused, the fused kernel in bf16 | +fp8, in FP8); a "dilated scorer" row times the scorer alone (forward; peak memory above the
 inputs), once per kernel among the variants.
 
 Breakdown mode: each stage of the layer on its own, plus two before/after measurements of
@@ -36,6 +37,15 @@ Lighthouse layer receives, the dilated scores are computed with FP8 and with bf1
 products, and the fraction of the layer's selection (the checkpoint's settings) that the two
 agree on is reported per layer, with the scores' relative difference.
 
+CP mode: training steps of a config's model at long lengths (forward, backward, AdamW; eager, bf16
+autocast, one sequence, random tokens, the config's checkpointing), in each phase: on one GPU, or
+under torchrun with each sequence shared by all the processes (context parallelism, as train.py
+runs it): seconds per step (wall clock, after a warm-up step at a short length, 32768 tokens for
+paper_98k; --iters steps per length, default here 1) and peak memory per GPU (the largest over the
+processes). Its rows are added to those already in --json, so that a one-GPU run and a CP run
+make one table. lh_topk: --topk,
+else 2048 (the config's 1536 does not cut 262144 tokens into equal tiles).
+
 Results are printed as tables and written to --json (default bench.json).
 """
 
@@ -49,9 +59,12 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+import context_parallel as cp
 import lighthouse_kernel as lk
 import model as model_module
 from model import GPT, CheckpointError, GPTConfig, read_config_file, rope_tables
@@ -409,14 +422,99 @@ def bench_fp8_agreement(ckpt_path, n_windows, seed=0):
     return rows
 
 
+def bench_cp(config_path, lengths, phases, topk, iters, json_path):
+    """Seconds per training step and peak memory per GPU of a config's model at each length, on one
+    GPU or (under torchrun) with every sequence shared by all processes. Rows go to json_path as
+    they come (with those already there), so a run cut short keeps what it measured."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    mesh = None
+    if world > 1:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+        mesh = cp.make_mesh(world, "cuda")
+    settings = read_config_file(config_path)
+    topk = topk or 2048
+    base = GPTConfig.from_settings(dict(settings, vocab_size=257, block_size=max(lengths), lh_topk=topk))
+    lighthouse = "lighthouse" in phases
+    base.check(lighthouse)
+    warm_up = base.lh_pool ** (base.lh_levels - 1) * topk  # the shortest length the layer takes: one tile of 128
+    for N in [warm_up, *lengths]:  # before any work: every length one the layer takes, and one that shards
+        if lighthouse:
+            lk.check_lighthouse_config(N, base.lh_levels, base.lh_pool, topk)
+        cp.check_context_parallel(world, world, True, N, lighthouse, base.lh_levels, base.lh_pool, topk, base.lh_scorer,
+                                  base.lh_selection)
+    rows = []
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            rows = [r for r in json.load(f)["rows"] if "gpus" in r]  # earlier CP-mode runs
+    for mode in phases:
+        torch.manual_seed(0)
+        model = GPT(base).cuda()
+        model.set_attention(mode)
+        optimizer = model.configure_optimizer(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                              device_type="cuda")
+        run = DDP(model) if mesh is not None else model  # CP: gradients averaged over the processes, as train.py
+
+        def step(N):
+            tokens = torch.randint(0, 257, (1, N + 1), generator=torch.Generator().manual_seed(N)).cuda()  # (1, N+1)
+            x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            with cp.sequence_sharded(model, mesh, x, y):  # (with CP: this process's share of x, y)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = run(x, y)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step(warm_up)  # compiles the Triton kernels and allocates AdamW's state
+        for N in lengths:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            if mesh is not None:
+                dist.barrier()
+            started = time.time()
+            for _ in range(iters):
+                step(N)
+            torch.cuda.synchronize()
+            seconds = (time.time() - started) / iters
+            peak = torch.tensor([seconds, torch.cuda.max_memory_allocated() / 2**30], device="cuda")
+            if mesh is not None:  # the slowest process and the largest memory
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            rows.append(dict(config=config_path, N=N, topk=topk, mode=mode, gpus=world, s_per_step=peak[0].item(),
+                             peak_gib_per_gpu=peak[1].item(), steps=iters, gpu=torch.cuda.get_device_name(),
+                             torch=torch.__version__, date=time.strftime("%Y-%m-%d")))
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(json.dumps(rows[-1]), flush=True)
+                with open(json_path, "w") as f:
+                    json.dump(dict(mode="cp", rows=rows), f, indent=1)
+        del model, optimizer, run
+        torch.cuda.empty_cache()
+    if mesh is not None:
+        dist.destroy_process_group()
+    return rows
+
+
+def print_cp_table(rows):
+    print(f"\n{'N':>8} {'phase':<11} {'GPUs':>4} {'s/step':>8} {'vs 1 GPU':>9} {'peak GiB/GPU':>13}")
+    one = {(r["N"], r["mode"]): r["s_per_step"] for r in rows if r["gpus"] == 1}
+    for r in sorted(rows, key=lambda r: (r["N"], r["mode"], r["gpus"])):
+        speedup = f"{one[r['N'], r['mode']] / r['s_per_step']:.2f}x" if (r["N"], r["mode"]) in one else ""
+        print(f"{r['N']:>8} {r['mode']:<11} {r['gpus']:>4} {r['s_per_step']:>8.2f} {speedup:>9} "
+              f"{r['peak_gib_per_gpu']:>13.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["layer", "breakdown", "train", "fp8_agreement"], default="layer")
-    parser.add_argument("--lengths", type=int, nargs="+", help="default: all of LENGTHS (layer), 98304 (breakdown)")
+    parser.add_argument("--mode", choices=["layer", "breakdown", "train", "fp8_agreement", "cp"], default="layer")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="default: all of LENGTHS (layer), 98304 (breakdown), 262144 524288 (cp)")
+    parser.add_argument("--phases", nargs="+", choices=["dense", "lighthouse"], default=["dense", "lighthouse"],
+                        help="cp mode")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS + MORE_VARIANTS, default=VARIANTS, help="layer mode")
-    parser.add_argument("--configs", nargs="+", default=["config/books_64k.py"], help="train mode")
-    parser.add_argument("--iters", type=int, default=10, help="train mode: timed steps per case")
-    parser.add_argument("--topk", type=int, help="layer and breakdown modes: this topk at every length")
+    parser.add_argument("--configs", nargs="+", default=["config/books_64k.py"], help="train mode; cp mode: the first")
+    parser.add_argument("--iters", type=int, help="train mode: timed steps per case (default 10); cp mode: per length "
+                                                  "(default 1)")
+    parser.add_argument("--topk", type=int, help="layer and breakdown modes: this topk at every length; cp mode: "
+                                                  "the model's lh_topk (default 2048)")
     parser.add_argument("--ckpt", help="fp8_agreement mode: a checkpoint written by train.py")
     parser.add_argument("--windows", type=int, default=4, help="fp8_agreement mode: validation windows")
     parser.add_argument("--json", default="bench.json")
@@ -428,6 +526,16 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench.py needs a CUDA GPU (it times GPU kernels); none is available here")
     started = time.time()
+    if args.mode == "cp":  # it writes --json itself, row by row (under torchrun: rank 0)
+        try:
+            rows = bench_cp(args.configs[0], args.lengths or [262144, 524288], args.phases, args.topk, args.iters or 1,
+                            args.json)
+        except ValueError as e:  # an unreadable config file, or settings that cannot run or shard
+            raise SystemExit(f"error: {e}") from None
+        if int(os.environ.get("RANK", 0)) == 0:
+            print_cp_table(rows)
+            print(f"wrote {args.json} ({time.time() - started:.0f} s)")
+        return
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"))
     print(info)
@@ -440,7 +548,7 @@ def main():
         rows = bench_fp8_agreement(args.ckpt, args.windows)
     else:
         try:
-            rows = [r for config in args.configs for r in bench_train(config, args.iters)]
+            rows = [r for config in args.configs for r in bench_train(config, args.iters or 10)]
         except ValueError as e:  # an unreadable config file, or settings the model cannot run
             raise SystemExit(f"error: {e}") from None
         print_train_table(rows)

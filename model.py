@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from context_parallel import lighthouse_cp, ring_attention
 from lighthouse_kernel import check_lighthouse_config, gathered_length, lighthouse_attention, rope_rotate
 
 
@@ -198,6 +199,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.use_lighthouse = False  # set by GPT.set_attention; not a parameter or buffer
+        self.shard = None  # set by GPT.set_shard: this process's share of the sequence under context parallelism
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -211,11 +213,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (B, T, heads, hd) -> (B, heads, T, hd): views; attention reads them in this layout
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.use_lighthouse:
+        if self.use_lighthouse and self.shard is not None:  # chunk by chunk, then ring attention (context_parallel.py)
+            y = lighthouse_cp(q, k, v, self.shard, c.lh_levels, c.lh_pool, c.lh_topk,
+                              rope=(cos, sin) if span_end else None)
+        elif self.use_lighthouse:
             # with span_end, raw q, k: the layer pools them and rotates each selected entry at its span's last token
             y = lighthouse_attention(q, k, v, c.lh_levels, c.lh_pool, c.lh_topk, scorer=c.lh_scorer,
                                      dilation=c.lh_dilation, rope=(cos, sin) if span_end else None,
                                      selection=c.lh_selection)
+        elif self.shard is not None:
+            y = ring_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, hd) -> (B, T, H * hd)
@@ -263,6 +270,7 @@ class GPT(nn.Module):
             if name.endswith("wo.weight") or name.endswith("down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.mode = "dense"
+        self.shard = None
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
@@ -304,11 +312,23 @@ class GPT(nn.Module):
             block.attn.use_lighthouse = i in lighthouse
         self.mode = mode
 
+    def set_shard(self, shard):
+        """Context parallelism (context_parallel.sequence_sharded sets it for one micro-step): idx and
+        targets hold shard's share of each sequence, and attention runs across the group. None: off."""
+        self.shard = shard
+        for block in self.blocks:
+            block.attn.shard = shard
+
     def forward(self, idx, targets=None):
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        N = T if self.shard is None else T * self.shard.world  # the whole sequence's length
+        if N > self.config.block_size:
+            raise ValueError(f"sequence of {N} tokens is longer than block_size {self.config.block_size}")
+        if self.shard is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:  # RoPE at the global positions of this process's tokens
+            pos = self.shard.positions(N, idx.device)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
             if not (self.config.activation_checkpointing and self.training):
@@ -322,7 +342,9 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         # the softmax in fp32; compiled, the cast fuses into the loss instead of a (B, T, vocab) fp32 copy
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # over all (B*T) positions
+        # over all (B*T) positions; under context parallelism this share's, and every share has as many
+        # tokens, so the mean over the group (train.py's gradient average) is the whole sequence's
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import shlex
 import sys
 
 import pytest
+import torch
 
 import bench
 import compare_arms
@@ -84,12 +85,16 @@ def command_id(value):
 
 
 @pytest.mark.parametrize("path, argv", TRAIN, ids=command_id)
-def test_train_commands_are_valid_runs_of_prepared_data(path, argv):
+def test_train_commands_are_valid_runs_of_prepared_data(path, argv, monkeypatch):
     """Each is parsed by train.py's own loader and checked as a fresh run on this machine would be
-    (a resume needs its checkpoint, so it is checked as a fresh run), and its dataset is a folder
-    the README's prepare commands make."""
+    (a resume needs its checkpoint, so it is checked as a fresh run; a context-parallel one needs
+    GPUs, so it is checked as on a machine with context_parallel of them), and its dataset is a
+    folder the README's prepare commands make."""
     config = train.load_config(argv)
-    train.validate(dict(config, init_from="scratch", device="cpu"))
+    cp = config["context_parallel"]
+    if cp > 1:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    train.validate(dict(config, init_from="scratch", device="cpu" if cp == 1 else "cuda"), world_size=cp)
     assert config["dataset"] in prepared_datasets(), (
         f"{path}: `{' '.join(['train.py', *argv])}` trains on data/{config['dataset']}, which no prepare_data.py "
         f"command of the README creates ({', '.join(sorted(prepared_datasets()))})")

@@ -11,6 +11,7 @@ Lighthouse phase starts only once the model trains at full length.
     python train.py config/books_32k.py --batch_size=2       # ...plus --key=value overrides
     python train.py config/quick_cpu.py --init_from=resume   # continue a stopped run exactly
     torchrun --standalone --nproc_per_node=2 train.py config/books_32k.py   # data parallel
+    torchrun --standalone --nproc_per_node=2 train.py config/books_64k.py --context_parallel=2   # one sequence, 2 GPUs
 
 Every setting and every data file is checked before any work starts. Validation loss is always
 measured with dense attention. In phase 1 the Lighthouse-mode loss is logged too (val_loss_lighthouse);
@@ -48,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
+from context_parallel import check_context_parallel, make_mesh, sequence_sharded
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint, read_config_file
 
 # -----------------------------------------------------------------------------
@@ -86,8 +88,9 @@ TRAINER_SETTINGS = dict(
     grad_clip=(1.0, "largest gradient norm, larger ones are scaled down to it (0 disables clipping)"),
     # system
     device=("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:<n>'"),
-    compile=("auto", "torch.compile the model: 'auto' = on CUDA only, or True / False"),
+    compile=("auto", "torch.compile the model: 'auto' = on CUDA only (and not with context_parallel), or True / False"),
     seed=(1337, "seeds the weights' initialization and the stream of training batches"),
+    context_parallel=(1, "GPUs that share each sequence under torchrun (ring attention; the rest is data parallel)"),
     peak_flops=(989e12, "the device's peak FLOP/s, for MFU (default: dense bf16 of one H100 SXM)"),
 )
 TRAINER_DEFAULTS = {key: default for key, (default, meaning) in TRAINER_SETTINGS.items()}
@@ -108,7 +111,7 @@ CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine
 # change is refused unless allow_changes=True.
 CHANGEABLE_ON_RESUME = ("out_dir", "init_from", "allow_changes", "eval_interval", "eval_iters", "log_interval",
                         "ckpt_interval", "sample_at_end", "device", "compile", "peak_flops", "recovery_iters",
-                        "activation_checkpointing", "checkpoint_keep_attention")
+                        "activation_checkpointing", "checkpoint_keep_attention", "context_parallel")
 
 
 class ConfigError(ValueError):
@@ -173,10 +176,10 @@ def data_dir(config):
 # first, then the rules that involve several keys.
 RANGES = [  # (what the value must be, the test, the keys)
     ("a non-empty name", lambda v: v != "", ("out_dir", "dataset")),
-    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size", "short_block_size", "copy_length",
-                                "gradient_accumulation_steps")),
-    (">= 0", lambda v: v >= 0, ("ckpt_interval", "short_context_iters", "copy_passages", "lighthouse_iters", "recovery_iters", "warmup_iters", "min_lr",
-                                "weight_decay", "grad_clip")),
+    (">= 1", lambda v: v >= 1, ("eval_interval", "eval_iters", "log_interval", "batch_size", "short_block_size",
+                                "copy_length", "gradient_accumulation_steps", "context_parallel")),
+    (">= 0", lambda v: v >= 0, ("ckpt_interval", "short_context_iters", "copy_passages", "lighthouse_iters",
+                                "recovery_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip")),
     ("> 0", lambda v: v > 0, ("learning_rate", "peak_flops")),
     ("in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2")),
     ("in [0, 2**64)", lambda v: 0 <= v < 2**64, ("seed",)),  # torch's seeds (a negative one aliases a large one)
@@ -203,9 +206,20 @@ def validate(config, world_size=1):
         GPTConfig.from_settings(c).check(lighthouse=c["lighthouse_iters"] > 0)
     except ValueError as e:
         raise ConfigError(f"model settings: {e}") from None
-    if c["gradient_accumulation_steps"] % world_size:
+    try:  # sharing each sequence across context_parallel processes (context_parallel.py)
+        check_context_parallel(c["context_parallel"], world_size, c["device"] != "cpu" and torch.cuda.is_available(),
+                               c["block_size"], c["lighthouse_iters"] > 0, c["lh_levels"], c["lh_pool"], c["lh_topk"],
+                               c["lh_scorer"], c["lh_selection"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c["context_parallel"] > 1 and c["short_context_iters"] and c["short_block_size"] % (2 * c["context_parallel"]):
+        raise ConfigError(f"short_block_size={c['short_block_size']} must be a multiple of 2*context_parallel = "
+                          f"{2 * c['context_parallel']}: its windows are cut into that many chunks too")
+    data_parallel = world_size // c["context_parallel"]  # the processes that see different sequences
+    if c["gradient_accumulation_steps"] % data_parallel:
+        shared = f" / context_parallel {c['context_parallel']} = {data_parallel}" if c["context_parallel"] > 1 else ""
         raise ConfigError(f"gradient_accumulation_steps ({c['gradient_accumulation_steps']}) must be a multiple "
-                          f"of the number of processes ({world_size})")
+                          f"of the number of processes ({world_size}{shared})")
     if c["min_lr"] > c["learning_rate"]:
         raise ConfigError(f"min_lr ({c['min_lr']}) must not be above learning_rate ({c['learning_rate']})")
     if c["learning_rate"] * c["weight_decay"] >= 1:  # AdamW scales the weights by 1 - lr * weight_decay per step
@@ -541,7 +555,10 @@ class Run:
         self.config, self.meta, self.device, self.procs = config, meta, device, procs
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device_type == "cuda" else nullcontext()
-        self.accumulation = config["gradient_accumulation_steps"] // procs.world_size  # this process's micro-steps
+        # context parallelism: processes d*cp .. d*cp+cp-1 share each sequence; the data is split over the groups
+        cp = config["context_parallel"]
+        self.cp_mesh = make_mesh(cp, self.device_type) if cp > 1 else None  # this process's group, or None
+        self.accumulation = config["gradient_accumulation_steps"] // (procs.world_size // cp)  # its micro-steps
         self.tokens_per_iter = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
         self.total = total_iters(config)
         torch.manual_seed(config["seed"])
@@ -550,7 +567,7 @@ class Run:
         self.optimizer = self.raw_model.configure_optimizer(config["learning_rate"], config["weight_decay"],
                                                            (config["beta1"], config["beta2"]), self.device_type)
         self.train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"],
-                                     procs.rank, procs.world_size, copies=config["copy_passages"])
+                                     procs.rank // cp, procs.world_size // cp, copies=config["copy_passages"])
         # the progress a checkpoint carries
         # (first_step_*: the first step of each phase in each process start, which compiles and warms up)
         per_phase = lambda: dict.fromkeys(PHASES, 0)
@@ -606,11 +623,14 @@ class Run:
             with open(self.metrics_path, "w") as f:
                 f.writelines(keep)
             print(json.dumps(self.config, indent=1))
+            cp_text = f", {self.config['context_parallel']} per sequence" if self.config["context_parallel"] > 1 else ""
             print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters (non-embedding); device "
-                  f"{self.device}; {self.procs.world_size} process(es); tokens per iteration {self.tokens_per_iter:,}")
+                  f"{self.device}; {self.procs.world_size} process(es){cp_text}; tokens per iteration "
+                  f"{self.tokens_per_iter:,}")
         self.bar = tqdm(total=self.total, initial=self.state["iter"], disable=not self.procs.master,
                         dynamic_ncols=True, desc="train")
-        compile_model = self.config["compile"] if self.config["compile"] != "auto" else self.device_type == "cuda"
+        compile_model = self.config["compile"] if self.config["compile"] != "auto" else (
+            self.device_type == "cuda" and self.config["context_parallel"] == 1)  # (not yet tried with CP)
         if compile_model:
             self.model = torch.compile(self.model, dynamic=False)  # fixed shapes: one graph per attention mode
         if self.procs.distributed:
@@ -689,9 +709,10 @@ class Run:
             x, y = self.train_batches.next(*self.window(phase))
             if self.procs.distributed:  # average gradients across processes only on the last micro-step
                 self.model.require_backward_grad_sync = micro == self.accumulation - 1
-            with self.autocast:
-                _, loss = self.model(x, y)
-            (loss / self.accumulation).backward()
+            with sequence_sharded(self.raw_model, self.cp_mesh, x, y):  # (with CP: this process's share of x, y)
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                (loss / self.accumulation).backward()
             losses.append(loss.detach())  # no .item() here: the CPU queues the next micro-step meanwhile
         # the norm before clipping (inf: measure only); a loss spike shows up here first
         clip = self.config["grad_clip"] or float("inf")
