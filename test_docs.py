@@ -57,11 +57,11 @@ def commands(path):
 ALL = [(path, script, argv) for path in DOCS + CONFIGS for script, argv in commands(path)]
 
 
-def prepared_datasets():
-    """The data folders the README's prepare_data.py commands create (--out_dir data/X), and the
-    default corpus, which train.py prepares on first use."""
+def prepared_datasets(path="README.md"):
+    """The data folders the prepare_data.py commands of the README and of the document at path
+    create (--out_dir data/X), and the default corpus, which train.py prepares on first use."""
     created = {"shakespeare_bytes"}
-    for script, argv in commands("README.md"):
+    for script, argv in [*commands("README.md"), *commands(path)]:
         if script == "prepare_data" and "--out_dir" in argv:
             out_dir = argv[argv.index("--out_dir") + 1]
             assert out_dir.startswith("data/"), f"README: prepare into data/, where train.py looks ({out_dir})"
@@ -95,9 +95,9 @@ def test_train_commands_are_valid_runs_of_prepared_data(path, argv, monkeypatch)
     if cp > 1:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     train.validate(dict(config, init_from="scratch", device="cpu" if cp == 1 else "cuda"), world_size=cp)
-    assert config["dataset"] in prepared_datasets(), (
+    assert config["dataset"] in prepared_datasets(path), (
         f"{path}: `{' '.join(['train.py', *argv])}` trains on data/{config['dataset']}, which no prepare_data.py "
-        f"command of the README creates ({', '.join(sorted(prepared_datasets()))})")
+        f"command of the README or of {path} creates ({', '.join(sorted(prepared_datasets(path)))})")
 
 
 class Parsed(Exception):
