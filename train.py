@@ -864,13 +864,14 @@ def train(config):
             stop = False
             run.clock_started = time.time()
             while run.state["iter"] < run.total:
-                if phase_at(run.state["iter"], config) != phase:
+                due = phase_at(run.state["iter"], config)
+                if due != phase:  # the end of the warmup or of the Lighthouse phase
                     with run.off_the_clock(phase):
                         if phase == "lighthouse":
                             switch_to_dense(run)
                         else:
-                            end_short_context(run, phase_at(run.state["iter"], config))
-                    phase = phase_at(run.state["iter"], config)
+                            end_short_context(run, due)
+                    phase = due
                 # a Ctrl-C in the last iteration (on any process): every process stops here, after the
                 # switch if one was due, so that the checkpoint needs nothing redone (in the run's last
                 # iteration the run simply finishes)
