@@ -32,10 +32,12 @@ step (the same weights and tokens in every case, so eager and compiled must agre
 plus the CUDA kernels that take the most time in one compiled step of each mode.
 
 FP8 agreement mode: a train.py checkpoint runs Lighthouse-mode forward passes (bf16 autocast, the
-dilated scorer in bf16) over random windows of its validation data; for the q, k, v each
-Lighthouse layer receives, the dilated scores are computed with FP8 and with bf16 matrix
-products, and the fraction of the layer's selection (the checkpoint's settings) that the two
-agree on is reported per layer, with the scores' relative difference.
+dilated scorer on SDPA, as it trains) over random windows of its validation data; for the q, k, v
+each Lighthouse layer receives, the dilated scores are computed three ways: SDPA (the reference),
+the fused kernel with FP8 matrix products, and the fused kernel in bf16 (a control: the same
+arithmetic as SDPA in another order, so its agreement is what rounding alone costs). Reported
+per layer: the fraction of the reference's selection (the checkpoint's settings) that each
+selects too, and FP8's relative score difference.
 
 CP mode: training steps of a config's model at long lengths (forward, backward, AdamW; eager, bf16
 autocast, one sequence, random tokens, the config's checkpointing), in each phase: on one GPU, or
@@ -73,6 +75,7 @@ LENGTHS = [16384, 32768, 65536, 98304, 131072, 262144, 524288]
 B, H, D, LEVELS, POOL = 1, 8, 128, 3, 4
 VARIANTS = ["norm", "norm+span_end", "dilated", "dilated+sdpa", "dilated+span_end", "norm+causal"]  # the default
 MORE_VARIANTS = ["dilated+fused", "dilated+fp8"]  # the dilated scorer's fused kernel in bf16, in FP8
+DEFAULT_DILATED_KERNEL = lk.DILATED_KERNEL  # read before the layer mode sets it per variant
 H100_PEAK_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (an H200 has the same), for MFU
 
 
@@ -155,8 +158,9 @@ def layer_variants(N, topk, variants):
 
 
 def dilated_kernel(variant):
-    """The dilated scorer's kernel a variant names ("dilated+fp8": "fp8"), else the default "auto"."""
-    return next((option for option in variant.split("+")[1:] if option in lk.DILATED_KERNELS), "auto")
+    """The dilated scorer's kernel a variant names ("dilated+fp8": "fp8"), else the one the model
+    uses by default (lighthouse_kernel.DILATED_KERNEL as the module sets it)."""
+    return next((option for option in variant.split("+")[1:] if option in lk.DILATED_KERNELS), DEFAULT_DILATED_KERNEL)
 
 
 def bench_layers(lengths, topk, variants):
@@ -390,18 +394,23 @@ def bench_fp8_agreement(ckpt_path, n_windows, seed=0):
     layer_itself = model_module.lighthouse_attention
 
     def measure(q, k, v, *args, **kwargs):  # each Lighthouse layer calls this instead of the layer
-        chosen, scores = [], []
+        # each kernel's (q-scores, k-scores), each (B, G, N), and the selection they make; SDPA is the
+        # reference (what the model trained with), the fused kernel in bf16 the control: its scores
+        # differ from SDPA's only by summation order, so its agreement is what rounding alone costs
+        scores = {kernel: lk.triton_dilated_scores(q, k, v, c.lh_dilation, kernel) for kernel in ("sdpa", "fused", "fp8")}
+        chosen = {kernel: lk.lighthouse_select(*s, c.lh_levels, c.lh_pool, c.lh_topk, selection=c.lh_selection)
+                  for kernel, s in scores.items()}
+        row = dict(window=len(rows) // len(layers), layer=layers[len(rows) % len(layers)])
         for kernel in ("fp8", "fused"):
-            scores.append(lk.triton_dilated_scores(q, k, v, c.lh_dilation, kernel))  # (B, G, N) twice
-            chosen.append(lk.lighthouse_select(*scores[-1], c.lh_levels, c.lh_pool, c.lh_topk, selection=c.lh_selection))
-        rows.append(dict(window=len(rows) // len(layers), layer=layers[len(rows) % len(layers)],
-                         agreement=selection_agreement(*chosen),
-                         q_score_rel_diff=((scores[0][0] - scores[1][0]).norm() / scores[1][0].norm()).item(),
-                         k_score_rel_diff=((scores[0][1] - scores[1][1]).norm() / scores[1][1].norm()).item()))
+            row[f"{kernel}_agreement"] = selection_agreement(chosen[kernel], chosen["sdpa"])
+            for side, name in enumerate("qk"):
+                ours, reference = scores[kernel][side], scores["sdpa"][side]
+                row[f"{kernel}_{name}_score_rel_diff"] = ((ours - reference).norm() / reference.norm()).item()
+        rows.append(row)
         return layer_itself(q, k, v, *args, **kwargs)
 
     model.set_attention("lighthouse")
-    lk.DILATED_KERNEL = "fused"  # the activations of the model as it trained without FP8
+    lk.DILATED_KERNEL = "sdpa"  # the activations of the model as it trained
     model_module.lighthouse_attention = measure
     try:
         for start in starts:
@@ -412,13 +421,15 @@ def bench_fp8_agreement(ckpt_path, n_windows, seed=0):
         model_module.lighthouse_attention = layer_itself
     print(f"\n{ckpt_path}: N={c.block_size}, L={c.lh_levels}, p={c.lh_pool}, topk={c.lh_topk}, dilation "
           f"{c.lh_dilation}, selection {c.lh_selection}; {n_windows} windows of {path}")
-    print(f"{'layer':>5} {'agreement mean':>15} {'min':>7} {'q-score diff':>13} {'k-score diff':>13}")
-    for layer in layers:
-        mine = [r for r in rows if r["layer"] == layer]
-        print(f"{layer:>5} {statistics.mean(r['agreement'] for r in mine):>15.4f} {min(r['agreement'] for r in mine):>7.4f} "
-              f"{statistics.mean(r['q_score_rel_diff'] for r in mine):>13.4f} "
-              f"{statistics.mean(r['k_score_rel_diff'] for r in mine):>13.4f}")
-    print(f"  all {statistics.mean(r['agreement'] for r in rows):>15.4f} {min(r['agreement'] for r in rows):>7.4f}")
+    print("agreement with the SDPA scores' selection (mean, min over windows) and the scores' relative difference")
+    print(f"{'layer':>5} {'FP8 agreement':>14} {'min':>7} {'bf16 fused':>11} {'min':>7} "
+          f"{'FP8 q-diff':>11} {'FP8 k-diff':>11}")
+    for layer in [*layers, "all"]:
+        mine = [r for r in rows if layer in ("all", r["layer"])]
+        print(f"{layer:>5} {statistics.mean(r['fp8_agreement'] for r in mine):>14.4f} "
+              f"{min(r['fp8_agreement'] for r in mine):>7.4f} {statistics.mean(r['fused_agreement'] for r in mine):>11.4f} "
+              f"{min(r['fused_agreement'] for r in mine):>7.4f} {statistics.mean(r['fp8_q_score_rel_diff'] for r in mine):>11.4f} "
+              f"{statistics.mean(r['fp8_k_score_rel_diff'] for r in mine):>11.4f}")
     return rows
 
 
