@@ -17,9 +17,11 @@ the val.bin of the data it was trained on), three ways:
    and copy scores much better on the second copy than on the first. Reported per D over --trials
    trials: the loss on each copy, the gain (first - second) and the accuracy (the fraction of
    tokens that are the model's argmax). The passage is natural text, so a model that reads it
-   well once can read it near-perfectly the second time; on random letters both copies would sit
-   at the floor. Scored are the passage's tokens after its first: the first follows unrelated
-   text both times, so no copying can predict it.
+   well once can read it near-perfectly the second time. Scored are the passage's tokens after its
+   first: the first follows unrelated text both times, so no copying can predict it.
+   With --letters the passage is random lowercase letters instead (for a model trained with
+   copy_source = 'letters'): without recall no model can do better than chance, ln 26 = 3.258
+   nats a letter, on either copy, so the second copy's loss below ln 26 is recall and nothing else.
 
     python eval_long.py out-dense/ckpt.pt out-lh/ckpt.pt --out eval.json    # also writes eval.png
     python eval_long.py out/ckpt.pt --data data/pg19_bytes/val.bin --windows 16 --trials 8 --batch 2
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import prepare_data
 from model import GPT, CheckpointError
 
 PREFIX = 128  # tokens of real text before the first copy of the passage
@@ -138,12 +141,13 @@ def position_and_context(model, data, N, windows, batch, seed, autocast, device,
     return position, context
 
 
-def copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, bar):
+def copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, bar, letters=None):
     """Measurement 3. Every trial draws one real window of N tokens and one passage from outside it;
     each distance D uses the first PREFIX + D + passage tokens of that window with the passage planted
     at PREFIX and at PREFIX + D. The model is causal, so the text after the second copy would not
     change its losses: the shorter window gives the same numbers for less work, and the first copy,
-    with the same text before it at every D, is the same baseline for all of them."""
+    with the same text before it at every D, is the same baseline for all of them. letters: token
+    ids; given, each passage is random letters instead of text from the file."""
     n = len(data)
     rng = np.random.default_rng([seed, 1])
     bases, passages = [], []
@@ -157,6 +161,8 @@ def copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, b
         passages.append(data[p:p + passage])
     bases = np.stack(bases).astype(np.int64)  # (trials, N)
     passages = np.stack(passages).astype(np.int64)  # (trials, passage)
+    if letters is not None:
+        passages = np.array(letters)[rng.integers(0, len(letters), (trials, passage))]  # (trials, passage)
 
     distances = copy_distances(N, passage)
     # per distance and trial: the mean loss and the accuracy on each copy
@@ -176,21 +182,25 @@ def copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, b
             hits_second[d, rows] = hits[:, two].double().mean(1).cpu().numpy()
             bar.update((rows.stop - rows.start) * seq.shape[1])
     gains = first - second  # (distances, trials)
-    return dict(passage=passage, prefix=PREFIX, distances=distances, loss_first=first.mean(1).tolist(),
+    return dict(passage=passage, prefix=PREFIX, source="text" if letters is None else "letters",
+                chance=None if letters is None else math.log(len(letters)), distances=distances,
+                loss_first=first.mean(1).tolist(),
                 loss_second=second.mean(1).tolist(), gain=gains.mean(1).tolist(),
                 gain_stderr=(gains.std(1) / math.sqrt(trials)).tolist(), accuracy_first=hits_first.mean(1).tolist(),
                 accuracy_second=hits_second.mean(1).tolist())
 
 
-def evaluate(model, data, N, windows=64, trials=32, passage=256, batch=1, seed=0, device="cpu", desc="eval"):
+def evaluate(model, data, N, windows=64, trials=32, passage=256, batch=1, seed=0, device="cpu", desc="eval",
+             letters=None):
     """All three measurements of model (anything called as model(idx) -> (logits, None)) on data
-    (a uint16 token array) with windows of N tokens. Returns {"position", "context", "copy"}."""
+    (a uint16 token array) with windows of N tokens; letters: see copy_probe. Returns {"position",
+    "context", "copy"}."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     total = windows * (N + sum(context_lengths(N))) + trials * sum(PREFIX + D + passage for D in
                                                                     copy_distances(N, passage))
     with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True) as bar:
         position, context = position_and_context(model, data, N, windows, batch, seed, autocast, device, bar)
-        copy = copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, bar)
+        copy = copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, bar, letters)
     return dict(position=position, context=context, copy=copy)
 
 
@@ -223,7 +233,9 @@ def print_report(entry):
     print(f"  loss of the last {ctx['tail']} tokens: {ctx['loss_full']:.4f} after the full window")
     for C, loss, gain, se in zip(ctx["contexts"], ctx["loss"], ctx["gain"], ctx["gain_stderr"]):
         print(f"    after the last {C:>6} tokens: {loss:.4f} ({gain:+.4f} ± {se:.4f})")
-    print(f"  copy of a {copy['passage']}-token passage D tokens later (start to start)")
+    what = "random letters" if copy.get("source") == "letters" else "text"
+    print(f"  copy of a {copy['passage']}-token passage ({what}) D tokens later (start to start)"
+          + (f"; chance {copy['chance']:.3f} nats a letter" if copy.get("chance") else ""))
     print("         D   1st copy  2nd copy  gain              acc 1st  acc 2nd")
     for k, D in enumerate(copy["distances"]):
         print(f"    {D:>6}  {copy['loss_first'][k]:8.4f}  {copy['loss_second'][k]:8.4f}  "
@@ -267,6 +279,7 @@ def main(argv=None):
     parser.add_argument("--windows", type=int, default=64, help="windows for loss by position and far context")
     parser.add_argument("--trials", type=int, default=32, help="copy trials per distance")
     parser.add_argument("--passage", type=int, default=256, help="tokens in the copied passage")
+    parser.add_argument("--letters", action="store_true", help="random lowercase letters as the passage, not text")
     parser.add_argument("--batch", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -294,15 +307,17 @@ def main(argv=None):
         # the training seed pairs runs of different arms in compare_arms.py
         entry = dict(checkpoint=path, train_seed=ckpt["config"].get("seed"), block_size=N, tokenizer=meta["tokenizer"],
                      parameters=model.num_params(non_embedding=False), data=data_path, data_tokens=len(data))
+        letters = prepare_data.letter_tokens(meta) if args.letters else None
         entry.update(evaluate(model, data, N, args.windows, args.trials, args.passage, args.batch, args.seed,
-                              args.device, desc=os.path.basename(os.path.dirname(os.path.abspath(path)))))
+                              args.device, desc=os.path.basename(os.path.dirname(os.path.abspath(path))),
+                              letters=letters))
         # a byte-level token is one byte: bits per byte is the loss in bits
         nats = entry["position"]["loss"]
         entry["position"]["bits_per_byte"] = [x / math.log(2) for x in nats] if meta["tokenizer"] == "bytes" else None
         entries.append(entry)
 
-    settings = dict(windows=args.windows, trials=args.trials, passage=args.passage, prefix=PREFIX,
-                    batch=args.batch, seed=args.seed, device=args.device,
+    settings = dict(windows=args.windows, trials=args.trials, passage=args.passage, letters=args.letters,
+                    prefix=PREFIX, batch=args.batch, seed=args.seed, device=args.device,
                     dtype="bfloat16" if args.device.startswith("cuda") else "float32")
     results = dict(settings=settings, data=args.data, checkpoints=entries)
     with open(args.out, "w") as f:

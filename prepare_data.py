@@ -278,6 +278,16 @@ def load_tokenizer(meta):
     raise ValueError(f"unknown tokenizer {name!r} in meta.json (known: {', '.join(TOKENIZERS)})")
 
 
+def letter_tokens(meta):
+    """The token ids of the 26 lowercase letters under meta.json's tokenizer: the alphabet of the random
+    passages that train.py (copy_source = 'letters') and eval_long.py (--letters) plant twice."""
+    encode, _ = load_tokenizer(meta)
+    ids = [encode(letter) for letter in "abcdefghijklmnopqrstuvwxyz"]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the {meta['tokenizer']} tokenizer does not make each lowercase letter one token")
+    return [i[0] for i in ids]
+
+
 # ----------------------------------------------------------------------------- the whole job
 
 def write_atomic(path, data):

@@ -80,7 +80,7 @@ def test_results_layout(run_dir, tmp_path):
     assert json.load(open(tmp_path / "r.json")) == results
     if importlib.util.find_spec("matplotlib"):  # optional: without it the plot is skipped with a note
         assert (tmp_path / "r.png").stat().st_size > 0  # the plot, named after --out
-    assert results["settings"] == dict(windows=2, trials=2, passage=128, prefix=128, batch=2, seed=0,
+    assert results["settings"] == dict(windows=2, trials=2, passage=128, letters=False, prefix=128, batch=2, seed=0,
                                        device="cpu", dtype="float32")
     assert results["data"] is None  # each checkpoint's own val.bin
     [entry] = results["checkpoints"]
@@ -133,6 +133,37 @@ def test_oracle_copies_at_every_distance():
         # the second: all but the k - 1 = 2 tokens before the oracle has seen k tokens of the passage
         assert copy["loss_second"][d] < 0.1 and copy["accuracy_second"][d] > 0.98
         assert copy["gain"][d] > 5
+
+
+def test_letters_as_the_passage():
+    """letters: every trial's passage is random letters, planted at PREFIX and D later; the oracle
+    recalls the second copy; chance (ln 26) is reported. (The oracle is not told the alphabet, so
+    its first copy stays at its uniform loss.)"""
+    inputs = []
+
+    class Recording(CopyOracle):
+        def forward(self, idx):
+            inputs.append(idx.clone())
+            return super().forward(idx)
+
+    letters = list(range(ord("a"), ord("z") + 1))
+    # k = 6: with 26 letters, shorter runs recur by chance within 256 letters, and a wrong near-certain guess costs 30
+    copy = eval_long.evaluate(Recording(k=6), random_bytes(20000), N, windows=1, trials=4, passage=128, batch=2,
+                              letters=letters)["copy"]
+    assert copy["source"] == "letters" and copy["chance"] == pytest.approx(math.log(26))
+    # the model reads each probe but its last token: (2, 128 + D + 128 - 1)
+    probes = [x for x in inputs if x.shape[1] in (128 + D + 127 for D in (256, 512, 1024))]
+    assert len(probes) == 3 * 2  # three distances (the fourth is as long as the windows) in batches of 2
+    for x in probes:
+        D = x.shape[1] - 255
+        assert all(token in letters for token in x[:, 128:256].flatten().tolist())
+        assert torch.equal(x[:, 128:255], x[:, 128 + D:])  # the same passage D later
+        assert not torch.equal(x[0, 128:256], x[1, 128:256])  # each trial its own
+    # the second copy: all but the k - 1 = 5 tokens before the oracle has seen 6 letters of it
+    assert all(loss < 0.25 for loss in copy["loss_second"]) and all(a > 0.95 for a in copy["accuracy_second"])
+    assert all(loss == pytest.approx(UNIFORM, abs=0.05) for loss in copy["loss_first"])
+    assert eval_long.evaluate(CopyOracle(), random_bytes(20000), N, windows=1, trials=2, passage=128,
+                              batch=2)["copy"]["chance"] is None  # text passages: no chance level
 
 
 def test_oracle_that_sees_700_tokens_back_copies_only_within_them():

@@ -72,6 +72,14 @@ def test_gpt2_round_trip(gpt2):
     assert decode([15496, 50256, 995]) == "Hello<|endoftext|> world"
 
 
+def test_letter_tokens_are_one_token_each(gpt2):
+    """The alphabet of the planted random-letter passages: 26 distinct ids that decode to a..z."""
+    assert pd.letter_tokens(BYTES_META) == list(range(ord("a"), ord("z") + 1))
+    gpt2_meta = dict(tokenizer="gpt2", vocab_size=50257, eot_id=50256)
+    ids = pd.letter_tokens(gpt2_meta)
+    assert len(set(ids)) == 26 and gpt2.decode(ids) == "abcdefghijklmnopqrstuvwxyz"
+
+
 def test_unknown_tokenizer():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         pd.load_tokenizer(dict(tokenizer="sentencepiece"))

@@ -125,7 +125,8 @@ def test_dense_baseline_has_no_lighthouse_phase(dataset, tmp_path):
 SHORT = dict(short_context_iters=3, short_block_size=128, lighthouse_iters=4, recovery_iters=3)  # 10 in all
 
 
-@pytest.mark.parametrize("killed_at, extra", [(8, {}), (10, {}), (3, SHORT), (4, dict(SHORT, copy_passages=2, copy_length=32))])
+@pytest.mark.parametrize("killed_at, extra", [(8, {}), (10, {}), (3, SHORT),
+                                              (4, dict(SHORT, copy_passages=2, copy_length=32, copy_source="letters"))])
 def test_resume_after_a_kill_continues_exactly(dataset, tmp_path, monkeypatch, killed_at, extra):
     # evals every 3 iterations: one falls on the switch (after 6), whose checkpoint a kill in
     # iteration 8 resumes from; a kill in iteration 10 resumes from the periodic one after 9.
@@ -225,6 +226,31 @@ def test_copy_passages_are_planted_in_training_windows(tmp_path):
     whole = train.Batches(str(path), dict(config, batch_size=2), "cpu", seed=1, copies=3).next()[0]
     halves = [train.Batches(str(path), dict(config, batch_size=1), "cpu", seed=1, rank=r, world_size=2, copies=3)
               .next()[0] for r in (0, 1)]
+    assert torch.equal(whole, torch.cat(halves))
+
+
+def test_copy_source_letters_plants_random_letters_twice(tmp_path):
+    """copy_source = 'letters': the passage is random letters written at both points (not the window's
+    own text), a new one each time; the ranks of DDP keep their share of the same planted windows."""
+    path = tmp_path / "random.bin"
+    np.random.default_rng(0).integers(0, 257, 100_000).astype(np.uint16).tofile(path)
+    config = dict(train.DEFAULTS, batch_size=4, block_size=511, copy_length=16)
+    letters = list(range(ord("a"), ord("z") + 1))
+    batches = train.Batches(str(path), config, "cpu", seed=1, copies=1, letters=letters)
+    passages = []
+    for _ in range(25):
+        x, y = batches.next()
+        for row in torch.cat([x, y[:, -1:]], 1):  # (512,): the whole window
+            found = repeats(row, 16)  # one passage, twice (random text repeats nothing)
+            assert len({later - first for first, later in found}) == 1  # (a chance match extends it by a token)
+            letter_runs = [row[first:first + 16].tolist() for first, _ in found
+                           if all(token in letters for token in row[first:first + 16].tolist())]
+            assert len(letter_runs) == 1  # the passage: letters only
+            passages += letter_runs
+    assert len({tuple(p) for p in passages}) == len(passages)  # a fresh passage every time
+    whole = train.Batches(str(path), dict(config, batch_size=2), "cpu", seed=1, copies=3, letters=letters).next()[0]
+    halves = [train.Batches(str(path), dict(config, batch_size=1), "cpu", seed=1, rank=r, world_size=2, copies=3,
+                            letters=letters).next()[0] for r in (0, 1)]
     assert torch.equal(whole, torch.cat(halves))
 
 
@@ -444,6 +470,7 @@ def test_dense_model_is_causal():
     (dict(short_context_iters=2, short_block_size=500), r"short_block_size \(500\) must divide block_size \(512\) "
                                                         r"and be shorter.*e\.g\. 32 or 64 or 128"),
     (dict(short_context_iters=2, short_block_size=512), r"short_block_size \(512\) must divide"),
+    (dict(copy_source="letters"), r"copy_source='letters' plants nothing while copy_passages is 0"),
     (dict(copy_passages=1, copy_length=300), r"copy_length \(300\) must be at most half the shortest training "
                                              r"window \(512\).*lower it to 256"),
     (dict(copy_passages=1, copy_length=100, short_context_iters=2, short_block_size=128), r"window \(128\)"),

@@ -71,6 +71,8 @@ TRAINER_SETTINGS = dict(
     batch_size=(4, "sequences per micro-step (per GPU)"),
     copy_passages=(0, "passages per training window copied to a later point of it: recall to learn (0: none)"),
     copy_length=(256, "tokens per copied passage; the distance is log-uniform from copy_length to the window"),
+    copy_source=("text", "what the passages are: 'text' (from the window itself) or 'letters' (random lowercase "
+                         "letters, which only recall can predict the second time)"),
     gradient_accumulation_steps=(1, "micro-steps per iteration, summed over all GPUs"),
     # the two phases, after an optional context-length warmup
     short_context_iters=(0, "iterations before phase 1 on short windows, dense (a context-length warmup; 0: none)"),
@@ -102,8 +104,8 @@ DEFAULTS = {**TRAINER_DEFAULTS, **MODEL_DEFAULTS}
 MEANINGS = {**{key: meaning for key, (default, meaning) in TRAINER_SETTINGS.items()},
             **{f.name: f.metadata["meaning"] for f in MODEL_FIELDS}}
 # Keys that take one of a fixed set of values (any other key: a value of its default's type).
-CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine"), lh_scorer=("norm", "dilated"),
-               lh_rope=("before_pool", "span_end"), lh_selection=("paper", "causal"),
+CHOICES = dict(init_from=("scratch", "resume"), lr_schedule=("constant", "cosine"), copy_source=("text", "letters"),
+               lh_scorer=("norm", "dilated"), lh_rope=("before_pool", "span_end"), lh_selection=("paper", "causal"),
                compile=("auto", True, False))
 # Settings a resumed run may change freely: where the output goes, how often it is measured, the
 # device, speed and memory use, not the model or its training. recovery_iters may change too, to
@@ -226,6 +228,9 @@ def validate(config, world_size=1):
         raise ConfigError(f"learning_rate * weight_decay = {c['learning_rate'] * c['weight_decay']:g} must be below 1: "
                           f"each step multiplies the weights by 1 - that; lower weight_decay")
     shortest = c["short_block_size"] if c["short_context_iters"] else c["block_size"]
+    if c["copy_source"] == "letters" and not c["copy_passages"]:
+        raise ConfigError("copy_source='letters' plants nothing while copy_passages is 0: set copy_passages (passages "
+                          "per window), or leave copy_source at 'text'")
     if c["copy_passages"] and 2 * c["copy_length"] > shortest:
         raise ConfigError(f"copy_length ({c['copy_length']}) must be at most half the shortest training window "
                           f"({shortest}), so that a passage and its copy fit: lower it to {shortest // 2} or less")
@@ -347,12 +352,15 @@ class Batches:
 
     With copies > 0 (training only), each window gets that many passages of copy_length tokens
     copied to a later point of the same window: a recall task mixed into the text, which a model
-    can only learn by attending back over the distance (log-uniform, so long ones are common)."""
+    can only learn by attending back over the distance (log-uniform, so long ones are common).
+    The passage is the window's own text at the first point, or, given letters (token ids), random
+    letters planted at both points: text is partly predictable without its first copy, letters are not."""
 
-    def __init__(self, path, config, device, seed, rank=0, world_size=1, copies=0):
+    def __init__(self, path, config, device, seed, rank=0, world_size=1, copies=0, letters=None):
         self.path, self.device, self.rank, self.world_size = path, device, rank, world_size
         self.batch_size, self.block_size = config["batch_size"], config["block_size"]
         self.copies, self.copy_length = copies, config["copy_length"]
+        self.letters = None if letters is None else torch.tensor(letters)
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self, batch_size=None, block_size=None):
@@ -371,16 +379,23 @@ class Batches:
         return x.to(self.device), y.to(self.device)
 
     def plant_copies(self, window, batch_size):
-        """In place: in each (block_size + 1)-token row, `copies` times, the passage at s is copied
-        to s + distance. Drawn for every rank's windows, like the starts, then this rank's kept."""
+        """In place: in each (block_size + 1)-token row, `copies` times, the passage at s (with letters:
+        random letters written there first) is copied to s + distance. Drawn for every rank's windows,
+        like the starts, then this rank's kept."""
         length, span = self.copy_length, window.shape[1]
-        u = torch.rand(self.world_size * batch_size, self.copies, 2, generator=self.generator)
-        u = u[self.rank * batch_size:(self.rank + 1) * batch_size]  # (batch, copies, 2): this rank's share
+        mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)  # this rank's rows of all ranks' draws
+        u = torch.rand(self.world_size * batch_size, self.copies, 2, generator=self.generator)[mine]  # (batch, copies, 2)
         # distance log-uniform in [length, span - length]; the start uniform where both copies fit
         distance = (length * ((span - length) / length) ** u[..., 0]).long().clamp(max=span - length)
         start = (u[..., 1] * (span - length - distance + 1)).long()
+        if self.letters is not None:  # (batch, copies, length) random letters
+            picks = torch.randint(len(self.letters), (self.world_size * batch_size, self.copies, length),
+                                  generator=self.generator)[mine]
+            passages = self.letters[picks]
         for row, (d_row, s_row) in enumerate(zip(distance.tolist(), start.tolist())):
-            for d, s in zip(d_row, s_row):
+            for k, (d, s) in enumerate(zip(d_row, s_row)):
+                if self.letters is not None:
+                    window[row, s:s + length] = passages[row, k]
                 window[row, s + d:s + d + length] = window[row, s:s + length]
 
 
@@ -566,8 +581,10 @@ class Run:
         self.model = self.raw_model  # what the training step calls: compiled and DDP-wrapped by start()
         self.optimizer = self.raw_model.configure_optimizer(config["learning_rate"], config["weight_decay"],
                                                            (config["beta1"], config["beta2"]), self.device_type)
+        letters = prepare_data.letter_tokens(meta) if config["copy_source"] == "letters" else None
         self.train_batches = Batches(os.path.join(data_dir(config), "train.bin"), config, device, config["seed"],
-                                     procs.rank // cp, procs.world_size // cp, copies=config["copy_passages"])
+                                     procs.rank // cp, procs.world_size // cp, copies=config["copy_passages"],
+                                     letters=letters)
         # the progress a checkpoint carries
         # (first_step_*: the first step of each phase in each process start, which compiles and warms up)
         per_phase = lambda: dict.fromkeys(PHASES, 0)
