@@ -7,7 +7,7 @@ shard, and (on a machine with 2 GPUs) a whole model under CP=2 against one GPU.
 """
 
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -115,15 +115,13 @@ def test_chunks_scatter_as_one_sequence(case):
     assert_near(torch.cat([outs[c] for c in range(2 * W)], dim=2), expected, FP32_TOL, "scatter")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(worker, world, *args):
-    """Run worker(rank, world, port, *args) in `world` processes; an error in any fails the test."""
-    mp.start_processes(worker, args=(world, free_port(), *args), nprocs=world, start_method="spawn")
+    """Run worker(rank, world, rendezvous, *args) in `world` processes; an error in any fails the test.
+    rendezvous: the init_method of their process group, a file of a fresh folder (a free TCP port
+    picked here could be taken before the processes bind it)."""
+    with tempfile.TemporaryDirectory() as folder:
+        rendezvous = "file://" + os.path.join(folder, "rendezvous")
+        mp.start_processes(worker, args=(world, rendezvous, *args), nprocs=world, start_method="spawn")
 
 
 def ring_stand_in(q, k, v, is_causal):
@@ -137,10 +135,9 @@ def ring_stand_in(q, k, v, is_causal):
 ring_stand_in.sdpa = F.scaled_dot_product_attention  # the real one
 
 
-def cpu_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def cpu_worker(rank, world, rendezvous):
     torch.set_num_threads(1)  # two processes share the cores
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         # torch's context_parallel cuts a sequence as shard() does
         from torch.distributed.tensor.experimental import context_parallel
@@ -279,10 +276,9 @@ GPU_MODELS = [
 ]
 
 
-def model_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def model_worker(rank, world, rendezvous):
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method=rendezvous, rank=rank, world_size=world)
     try:
         mesh = cp.make_mesh(world, "cuda")
         N = 16384
