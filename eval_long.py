@@ -161,7 +161,7 @@ def copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, b
         passages.append(data[p:p + passage])
     bases = np.stack(bases).astype(np.int64)  # (trials, N)
     passages = np.stack(passages).astype(np.int64)  # (trials, passage)
-    if letters is not None:
+    if letters is not None:  # the same windows as with text; only the passage changes
         passages = np.array(letters)[rng.integers(0, len(letters), (trials, passage))]  # (trials, passage)
 
     distances = copy_distances(N, passage)
@@ -184,8 +184,7 @@ def copy_probe(model, data, N, trials, passage, batch, seed, autocast, device, b
     gains = first - second  # (distances, trials)
     return dict(passage=passage, prefix=PREFIX, source="text" if letters is None else "letters",
                 chance=None if letters is None else math.log(len(letters)), distances=distances,
-                loss_first=first.mean(1).tolist(),
-                loss_second=second.mean(1).tolist(), gain=gains.mean(1).tolist(),
+                loss_first=first.mean(1).tolist(), loss_second=second.mean(1).tolist(), gain=gains.mean(1).tolist(),
                 gain_stderr=(gains.std(1) / math.sqrt(trials)).tolist(), accuracy_first=hits_first.mean(1).tolist(),
                 accuracy_second=hits_second.mean(1).tolist())
 
