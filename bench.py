@@ -397,7 +397,8 @@ def bench_fp8_agreement(ckpt_path, n_windows, seed=0):
         # each kernel's (q-scores, k-scores), each (B, G, N), and the selection they make; SDPA is the
         # reference (what the model trained with), the fused kernel in bf16 the control: its scores
         # differ from SDPA's only by summation order, so its agreement is what rounding alone costs
-        scores = {kernel: lk.triton_dilated_scores(q, k, v, c.lh_dilation, kernel) for kernel in ("sdpa", "fused", "fp8")}
+        scores = {kernel: lk.triton_dilated_scores(q, k, v, c.lh_dilation, kernel)
+                  for kernel in ("sdpa", "fused", "fp8")}
         chosen = {kernel: lk.lighthouse_select(*s, c.lh_levels, c.lh_pool, c.lh_topk, selection=c.lh_selection)
                   for kernel, s in scores.items()}
         row = dict(window=len(rows) // len(layers), layer=layers[len(rows) % len(layers)])
@@ -426,10 +427,11 @@ def bench_fp8_agreement(ckpt_path, n_windows, seed=0):
           f"{'FP8 q-diff':>11} {'FP8 k-diff':>11}")
     for layer in [*layers, "all"]:
         mine = [r for r in rows if layer in ("all", r["layer"])]
-        print(f"{layer:>5} {statistics.mean(r['fp8_agreement'] for r in mine):>14.4f} "
-              f"{min(r['fp8_agreement'] for r in mine):>7.4f} {statistics.mean(r['fused_agreement'] for r in mine):>11.4f} "
-              f"{min(r['fused_agreement'] for r in mine):>7.4f} {statistics.mean(r['fp8_q_score_rel_diff'] for r in mine):>11.4f} "
-              f"{statistics.mean(r['fp8_k_score_rel_diff'] for r in mine):>11.4f}")
+        column = lambda key: [r[key] for r in mine]  # noqa: E731
+        fp8, fused = column("fp8_agreement"), column("fused_agreement")
+        print(f"{layer:>5} {statistics.mean(fp8):>14.4f} {min(fp8):>7.4f} {statistics.mean(fused):>11.4f} "
+              f"{min(fused):>7.4f} {statistics.mean(column('fp8_q_score_rel_diff')):>11.4f} "
+              f"{statistics.mean(column('fp8_k_score_rel_diff')):>11.4f}")
     return rows
 
 
