@@ -9,6 +9,7 @@ shard, and (on a machine with 2 GPUs) a whole model under CP=2 against one GPU.
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -201,6 +202,12 @@ def cpu_worker(rank, world, rendezvous):
         dist.destroy_process_group()
 
 
+# Triton's CPU interpreter breaks on numpy 2.4 and newer (requirements.txt pins numpy<2.4); a GPU
+# image may carry a newer one, and there test_model_on_two_gpus covers the same code on the GPUs.
+NUMPY_TOO_NEW = tuple(int(part) for part in np.__version__.split(".")[:2]) >= (2, 4)
+
+
+@pytest.mark.skipif(NUMPY_TOO_NEW, reason=f"triton's interpreter breaks on numpy {np.__version__} (needs <2.4)")
 def test_layer_and_model_on_two_processes(monkeypatch):
     """Two CPU processes (gloo) run the Lighthouse layer, then a whole model in both phases, on their
     shares, with a stand-in for the ring (exact attention over the gathered sequence): torch's
