@@ -189,11 +189,12 @@ def test_compare_arms_reproduces_the_results_table(tmp_path):
     """The README's results table is what compare_arms.py prints on the experiment's metrics and
     eval files in assets/, row for row (docs/results.md holds it too); the first experiment's
     numbers (assets/arms_64k/) still come out as docs/results.md quotes them."""
-    arms = [f"{arm}={os.path.join('assets', 'experiment_64k', arm + '_s*')}" for arm in ("dense", "causal", "norm", "dilated")]
+    arms = [f"{arm}={os.path.join('assets', 'experiment_64k', arm + '_s*')}"
+            for arm in ("dense", "causal", "norm", "dilated", "span_end")]
     result = subprocess.run([sys.executable, "compare_arms.py", *arms], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
-    assert len(rows) == 6 and "| causal | 3 | 1.378 ± 0.008 | +0.129 ± 0.003 (result) |" in rows[3]
+    assert len(rows) == 7 and "| causal | 3 | 1.378 ± 0.008 | +0.129 ± 0.003 (result) |" in rows[3]
     for doc in ("README.md", os.path.join("docs", "results.md")):
         text = open(os.path.join(ROOT, doc)).read()
         assert "\n".join(rows) in text, f"{doc}'s results table is not what compare_arms.py prints now"
