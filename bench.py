@@ -296,9 +296,10 @@ def top_kernels(step, count=8):
     return [(e.key[:70], e.self_device_time_total / 1e3, e.self_device_time_total / total) for e in events[:count]]
 
 
-def bench_train(config_path, iters):
+def bench_train(config_path, iters, phases):
     """Tokens per second of full training steps (forward, backward, AdamW) of a config's model,
-    dense vs Lighthouse, eager vs compiled, on random tokens (the data does not change the work)."""
+    dense and/or Lighthouse (phases), eager vs compiled, on random tokens (the data does not change
+    the work)."""
     settings = read_config_file(config_path)
     model_config = GPTConfig.from_settings(dict(settings, vocab_size=257))  # byte-level, as the configs train
     model_config.check(lighthouse=True)
@@ -306,9 +307,9 @@ def bench_train(config_path, iters):
     peak_flops = settings.get("peak_flops", H100_PEAK_FLOPS)
     tokens = batch_size * model_config.block_size
     rows = []
-    cases = [(compiled, mode, False) for compiled in (False, True) for mode in ("dense", "lighthouse")]
+    cases = [(compiled, mode, False) for compiled in (False, True) for mode in phases]
     if model_config.activation_checkpointing:  # and compiled, keeping attention's outputs instead of recomputing
-        cases += [(True, mode, True) for mode in ("dense", "lighthouse")]
+        cases += [(True, mode, True) for mode in phases]
     for compiled, mode, keep_attention in cases:
         torch.manual_seed(0)
         model = GPT(dataclasses.replace(model_config, checkpoint_keep_attention=keep_attention)).cuda()
@@ -354,12 +355,13 @@ def print_train_table(rows):
               f"{r['first_loss']:>9.5f} {r['first_step_s']:>10.1f}")
     for config in dict.fromkeys(r["config"] for r in rows):
         step = {(r["mode"], r["compiled"], r["keep_attention"]): r["ms_per_step"] for r in rows if r["config"] == config}
-        for mode in ("dense", "lighthouse"):
+        for mode in dict.fromkeys(r["mode"] for r in rows if r["config"] == config):
             eager = step[mode, False, False]
             kept = f", keeping attention {eager / step[mode, True, True]:.2f}x" if (mode, True, True) in step else ""
             print(f"{config} {mode}: compiled {eager / step[mode, True, False]:.2f}x faster than eager{kept}")
-        print(f"{config}: Lighthouse vs dense step, both compiled: "
-              f"{step['dense', True, False] / step['lighthouse', True, False]:.2f}x faster")
+        if ("dense", True, False) in step and ("lighthouse", True, False) in step:
+            print(f"{config}: Lighthouse vs dense step, both compiled: "
+                  f"{step['dense', True, False] / step['lighthouse', True, False]:.2f}x faster")
     for r in rows:
         if "top_kernels" in r:
             keep = ", keeping attention" if r["keep_attention"] else ""
@@ -521,7 +523,7 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+",
                         help="default: all of LENGTHS (layer), 98304 (breakdown), 262144 524288 (cp)")
     parser.add_argument("--phases", nargs="+", choices=["dense", "lighthouse"], default=["dense", "lighthouse"],
-                        help="cp mode")
+                        help="cp and train modes")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS + MORE_VARIANTS, default=VARIANTS, help="layer mode")
     parser.add_argument("--configs", nargs="+", default=["config/books_64k.py"], help="train mode; cp mode: the first")
     parser.add_argument("--iters", type=int, help="train mode: timed steps per case (default 10); cp mode: per length "
@@ -561,7 +563,7 @@ def main():
         rows = bench_fp8_agreement(args.ckpt, args.windows)
     else:
         try:
-            rows = [r for config in args.configs for r in bench_train(config, args.iters or 10)]
+            rows = [r for config in args.configs for r in bench_train(config, args.iters or 10, args.phases)]
         except ValueError as e:  # an unreadable config file, or settings the model cannot run
             raise SystemExit(f"error: {e}") from None
         print_train_table(rows)
