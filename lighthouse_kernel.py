@@ -1016,15 +1016,29 @@ DILATED_KERNEL = "sdpa"
 DILATED_KERNELS = ("auto", "fp8", "fused", "sdpa")
 
 
+# The host code's own cdiv and next_power_of_2. Triton's (triton.cdiv, triton.next_power_of_2) are
+# "constexpr functions" made for kernels: called from Python, each first unwraps its arguments,
+# about 4 us on a CPU, and one fwd+bwd call of the layer makes 28 such calls.
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _next_power_of_2(n):
+    return 1 << (n - 1).bit_length()
+
+
 def _grid(n_rows, rows_per_program, n_heads):
     """Launch grid: blocks of rows on axis 0 (at most 2^31 - 1), batch * heads on axis 1 (at most
     65535, checked by lighthouse_triton before any launch)."""
-    return (triton.cdiv(n_rows, rows_per_program), n_heads)
+    return (_cdiv(n_rows, rows_per_program), n_heads)
 
 
 def _on_device(t):
-    """Launch on t's GPU even when another one is current (a no-op on the CPU interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU even when another one is current. Switching devices (and back) costs host
+    time, so this is a no-op when t's GPU is already the current one, as usual, and on the CPU."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _last_dim_contiguous(x):
@@ -1066,7 +1080,7 @@ def triton_pyramid(x, levels, pool):
             per_program = ROWS // pool ** (last - first)  # entries of level `last` per program
             _pool_kernel[_grid(N // pool**last, per_program, B * HX)](
                 src, *src.stride()[:3], upper, N, P - N, D, HX=HX, FIRST=first, LAST=last, POOL=pool,
-                BLOCK_J=per_program, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+                BLOCK_J=per_program, BLOCK_D=_next_power_of_2(D), num_warps=4)
     return upper
 
 
@@ -1086,7 +1100,7 @@ def _launch_norm_scores(q, k, levels, pool):
             score = _score_pyramid_like(q, k, levels if fused else 1, pool)  # (B, G, P), or (B, G, N)
             _norm_score_kernel[_grid(N, ROWS, B * G)](
                 x, *x.stride()[:3], score, N, score.shape[2], D, G=G, GROUP=x.shape[1] // G,
-                LEVELS=levels if fused else 1, POOL=pool, BLOCK_T=ROWS, BLOCK_D=triton.next_power_of_2(D),
+                LEVELS=levels if fused else 1, POOL=pool, BLOCK_T=ROWS, BLOCK_D=_next_power_of_2(D),
                 num_warps=4)
             pyramids.append(score if fused else ref_score_pyramid(score, levels, pool))
     return pyramids[0], pyramids[1]
@@ -1151,7 +1165,7 @@ def _launch_dilated_scores(q, k, v, dilation, kernel):
     norms = torch.empty(2, B, H, N, dtype=torch.float32, device=q.device)  # per query head: a_qk's, a_kq's
     # a tensor, its FP8 scales, and how many query heads share each of its heads
     q_in, k_in = (q, scales[0], 1), (k, scales[1], H // G)
-    grid = (dilation * triton.cdiv(N // dilation, DILATED_BLOCK_M), B * H)
+    grid = (dilation * _cdiv(N // dilation, DILATED_BLOCK_M), B * H)
     with _on_device(q):
         # a_qk: queries q over keys k; a_kq: queries k over keys q; values v in both
         for norm, (qry, qry_scale, qry_group), (key, key_scale, key_group) in zip(norms, (q_in, k_in), (k_in, q_in)):
@@ -1160,7 +1174,7 @@ def _launch_dilated_scores(q, k, v, dilation, kernel):
                 norm, N, 1 / math.sqrt(D), H, qry_group, key_group, H // G, DILATION=dilation, FP8=fp8,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no TF32 rounding
                 HEAD_DIM=D, BLOCK_M=DILATED_BLOCK_M, BLOCK_N=DILATED_BLOCK_N,
-                BLOCK_D=max(32, triton.next_power_of_2(D)),  # tl.dot needs K >= 16, FP8 K >= 32
+                BLOCK_D=max(32, _next_power_of_2(D)),  # tl.dot needs K >= 16, FP8 K >= 32
                 # three blocks of keys and values in flight: 96 KiB of shared memory for bf16 inputs
                 # (128 KiB on Hopper, which keeps the queries there too); fp32 tiles run unpipelined
                 num_warps=8, num_stages=1 if q.dtype == torch.float32 else 3)
@@ -1176,7 +1190,7 @@ def _launch_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
     n_top = seq_len // pool ** (levels - 1)
     widest = tile + n_top % n_tiles  # the last tile's coarsest candidates
     fine = TILE_KEEP * pool
-    chunk = min(SELECT_CHUNK, triton.next_power_of_2(max(widest, fine)))
+    chunk = min(SELECT_CHUNK, _next_power_of_2(max(widest, fine)))
     idx = torch.empty(B, G, M, dtype=torch.int64, device=q_score_pyr.device)
     work = torch.empty_like(idx)  # per-level candidate lists, see _select_kernel
     inv = torch.full((B, G, P), -1, dtype=torch.int64, device=q_score_pyr.device)
@@ -1184,7 +1198,7 @@ def _launch_select(q_score_pyr, k_score_pyr, seq_len, levels, pool, topk):
         _select_kernel[(n_tiles, B * G)](
             q_score_pyr.contiguous(), k_score_pyr.contiguous(), idx, inv, work, seq_len, P, M, n_top, tile,
             n_tiles, LEVELS=levels, POOL=pool, KEEP=TILE_KEEP, HALF=HALF_KEEP, CHUNK=chunk, TOP_SINGLE=widest <= chunk,
-            TOP_BITS=triton.next_power_of_2(widest).bit_length() - 1, FINE_SINGLE=fine <= chunk,
+            TOP_BITS=_next_power_of_2(widest).bit_length() - 1, FINE_SINGLE=fine <= chunk,
             FINE_BITS=fine.bit_length() - 1, num_warps=8)
     return idx, inv
 
@@ -1207,7 +1221,7 @@ def _launch_gather(x, idx, levels, pool, cos, sin):
     with _on_device(x):
         _gather_kernel[_grid(M, ROWS, B * HX)](
             x, *x.stride()[:3], upper, idx, *_rope_args(x, cos, sin), out, N, upper.shape[2], M, D, HX=HX, G=G,
-            LEVELS=levels, POOL=pool, ROPE=cos is not None, BLOCK_M=ROWS, BLOCK_D=triton.next_power_of_2(D),
+            LEVELS=levels, POOL=pool, ROPE=cos is not None, BLOCK_M=ROWS, BLOCK_D=_next_power_of_2(D),
             num_warps=4)
     return out
 
@@ -1223,7 +1237,7 @@ def _launch_gather_backward(grad, inv, x_shape, seq_major, levels, pool, cos, si
         _gather_backward_kernel[_grid(N, ROWS, B * HX)](
             grad, *grad.stride()[:3], inv, *_rope_args(grad, cos, sin), dx, *dx.stride()[:3], N, inv.shape[2], D,
             HX=HX, G=inv.shape[1], LEVELS=levels, POOL=pool, ROPE=cos is not None, BLOCK_T=ROWS,
-            BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+            BLOCK_D=_next_power_of_2(D), num_warps=4)
     return dx
 
 
@@ -1236,7 +1250,7 @@ def _launch_scatter(attn, inv, seq_len, levels, pool):
     with _on_device(attn):
         _scatter_kernel[_grid(seq_len, ROWS, B * H)](
             attn, *attn.stride()[:3], inv, out, *out.stride()[:3], seq_len, inv.shape[2], D, H=H, G=inv.shape[1],
-            LEVELS=levels, POOL=pool, BLOCK_T=ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+            LEVELS=levels, POOL=pool, BLOCK_T=ROWS, BLOCK_D=_next_power_of_2(D), num_warps=4)
     return out
 
 
@@ -1250,7 +1264,7 @@ def _launch_scatter_backward(grad, idx, levels, pool):
     with _on_device(grad):
         _scatter_backward_kernel[_grid(M, ROWS, B * H)](
             grad, *grad.stride()[:3], idx, dattn, N, M, D, H=H, G=idx.shape[1], LEVELS=levels, POOL=pool,
-            BLOCK_M=ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+            BLOCK_M=ROWS, BLOCK_D=_next_power_of_2(D), num_warps=4)
     return dattn
 
 
@@ -1261,7 +1275,8 @@ def _launch_scatter_backward(grad, idx, levels, pool):
 # every one. Registered as an op (lighthouse::gather, ...) with a "fake" version that only makes
 # the output's shape, each launch becomes one node of the graph. The gradients come from
 # torch.autograd.Function, which eager mode and torch.compile both understand. (This low-level
-# registration costs less host time per call than @torch.library.custom_op.)
+# registration costs less host time per call than @torch.library.custom_op.) In eager mode the
+# layer calls the launch functions themselves (_call): there the dispatcher would only add host time.
 
 _lib = torch.library.Library("lighthouse", "DEF")
 
@@ -1272,6 +1287,13 @@ def _register(name, schema, launch, fake):
     _lib.impl(name, launch, "CompositeExplicitAutograd")
     torch.library.register_fake(f"lighthouse::{name}", fake, lib=_lib)
     return getattr(torch.ops.lighthouse, name).default
+
+
+def _call(op, launch, *args):
+    """Run `op`, registered with `launch`: through the dispatcher while torch.compile traces, so that
+    the launch is one node of its graph; in eager mode as `launch` itself, which skips the dispatch
+    (a few us of host time per op; a fwd+bwd call of the layer runs ten)."""
+    return op(*args) if torch.compiler.is_compiling() else launch(*args)
 
 
 triton_norm_scores = _register(
@@ -1311,12 +1333,13 @@ class _Gather(torch.autograd.Function):
         ctx.save_for_backward(inv, cos, sin)
         ctx.x_shape, ctx.seq_major = list(x.shape), x.stride(2) > x.stride(1)
         ctx.levels, ctx.pool = levels, pool
-        return _gather_op(x, idx, levels, pool, cos, sin)
+        return _call(_gather_op, _launch_gather, x, idx, levels, pool, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         inv, cos, sin = ctx.saved_tensors
-        dx = _gather_backward_op(grad, inv, ctx.x_shape, ctx.seq_major, ctx.levels, ctx.pool, cos, sin)
+        dx = _call(_gather_backward_op, _launch_gather_backward, grad, inv, ctx.x_shape, ctx.seq_major, ctx.levels,
+                   ctx.pool, cos, sin)
         return dx, None, None, None, None, None, None
 
 
@@ -1325,12 +1348,13 @@ class _Scatter(torch.autograd.Function):
     def forward(ctx, attn, idx, inv, seq_len, levels, pool):
         ctx.save_for_backward(idx)
         ctx.levels, ctx.pool = levels, pool
-        return _scatter_op(attn, inv, seq_len, levels, pool)
+        return _call(_scatter_op, _launch_scatter, attn, inv, seq_len, levels, pool)
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        return _scatter_backward_op(grad, idx, ctx.levels, ctx.pool), None, None, None, None, None
+        dattn = _call(_scatter_backward_op, _launch_scatter_backward, grad, idx, ctx.levels, ctx.pool)
+        return dattn, None, None, None, None, None
 
 
 def triton_gather(x, idx, inv, levels, pool, cos=None, sin=None):
@@ -1359,7 +1383,7 @@ def triton_dilated_scores(q, k, v, dilation, kernel=None):
                          f"(got {dilation!r})")
     if kernel == "sdpa":
         return sdpa_dilated_scores(q, k, v, dilation)
-    return _dilated_scores_op(q, k, v, dilation, kernel)
+    return _call(_dilated_scores_op, _launch_dilated_scores, q, k, v, dilation, kernel)
 
 
 def triton_score_pyramids(q, k, v, levels, pool, scorer="norm", dilation=4):
@@ -1368,7 +1392,7 @@ def triton_score_pyramids(q, k, v, levels, pool, scorer="norm", dilation=4):
     q, k, v = q.detach(), k.detach(), v.detach()
     if scorer == "dilated":
         return tuple(ref_score_pyramid(s, levels, pool) for s in triton_dilated_scores(q, k, v, dilation))
-    return triton_norm_scores(q, k, levels, pool)
+    return _call(triton_norm_scores, _launch_norm_scores, q, k, levels, pool)
 
 
 def lighthouse_triton(q, k, v, levels, pool, topk, scorer="norm", dilation=4, rope=None, selection="paper"):
@@ -1384,7 +1408,7 @@ def lighthouse_triton(q, k, v, levels, pool, topk, scorer="norm", dilation=4, ro
         idx = ref_select_causal(q_score, k_score, N, levels, pool, topk)  # (B, G, M)
         inv = inverse_map(idx, q_score.shape[2])  # (B, G, P)
     else:
-        idx, inv = triton_select(q_score, k_score, N, levels, pool, topk)  # (B, G, M), (B, G, P)
+        idx, inv = _call(triton_select, _launch_select, q_score, k_score, N, levels, pool, topk)  # (B, G, M), (B, G, P)
     cos, sin = rope if rope is not None else (None, None)
     q_sel = triton_gather(q, idx, inv, levels, pool, cos, sin)  # (B, H, M, D)
     k_sel = triton_gather(k, idx, inv, levels, pool, cos, sin)  # (B, G, M, D)
