@@ -167,6 +167,16 @@ def keep_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def recompute_all(ctx, op, *args, **kwargs):
+    """Plain activation checkpointing as a selective policy: recompute every op. Compiled, the model
+    checkpoints through it. torch.compile before torch 2.12 marks for recomputation only the ops it
+    sees at the top of a plain checkpoint's region, not those inside a torch.autograd.Function
+    (lighthouse_kernel's _Gather and _Scatter, context_parallel's): their outputs were kept
+    (torch 2.11: each Lighthouse layer's gathered q, k, v and scattered output, about 0.29 GiB per
+    layer at paper_98k). A policy marks every op, as torch 2.12 and later do for plain checkpoints."""
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -333,10 +343,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             if not (self.config.activation_checkpointing and self.training):
                 x = block(x, cos, sin)
-            elif self.config.checkpoint_keep_attention:
+            elif self.config.checkpoint_keep_attention or torch.compiler.is_compiling():
+                # compiled plain checkpointing as a policy too: see recompute_all
+                policy = keep_attention if self.config.checkpoint_keep_attention else recompute_all
                 x = checkpoint(block, x, cos, sin, use_reentrant=False,
-                               context_fn=partial(create_selective_checkpoint_contexts, keep_attention))
-            else:  # (a call of its own: torch.compile refuses the default context_fn passed explicitly)
+                               context_fn=partial(create_selective_checkpoint_contexts, policy))
+            else:  # eager: no policy, whose dispatch mode would cost host time on every op
+                # (a call of its own: torch.compile refuses the default context_fn passed explicitly)
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab), in the autocast dtype (bf16 on a GPU)
         if targets is None:
