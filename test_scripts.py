@@ -89,6 +89,20 @@ def test_bench_says_it_needs_a_gpu(quick_runs):
     assert code != 0 and err.strip().startswith("bench.py needs a CUDA GPU") and "Traceback" not in err
 
 
+def test_bench_train_table_with_one_phase():
+    """bench.py --mode=train --phases lighthouse: the summary compares the cases it has, and no dense
+    ones (made-up rows: the timings need a GPU)."""
+    import bench
+    rows = [dict(config="c.py", mode="lighthouse", compiled=compiled, keep_attention=keep, ms_per_step=ms,
+                 tok_per_s=1e3 / ms, mfu=0.3, peak_gib=1.0, first_loss=5.0, first_step_s=1.0)
+            for compiled, keep, ms in [(False, False, 10.0), (True, False, 8.0), (True, True, 5.0)]]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench.print_train_table(rows)
+    assert "c.py lighthouse: compiled 1.25x faster than eager, keeping attention 2.00x" in out.getvalue()
+    assert "dense" not in out.getvalue()
+
+
 def greedy_continuation(ckpt_path, prompt, n):
     """The n tokens a model's argmax picks after prompt, one forward pass per token, decoded: what
     sampling with top_k=1 must print after the prompt."""
