@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+import bench
 import compare_arms as compare_arms_script
 import eval_long
 import plot_runs
@@ -92,7 +93,6 @@ def test_bench_says_it_needs_a_gpu(quick_runs):
 def test_bench_train_table_with_one_phase():
     """bench.py --mode=train --phases lighthouse: the summary compares the cases it has, and no dense
     ones (made-up rows: the timings need a GPU)."""
-    import bench
     rows = [dict(config="c.py", mode="lighthouse", compiled=compiled, keep_attention=keep, ms_per_step=ms,
                  tok_per_s=1e3 / ms, mfu=0.3, peak_gib=1.0, first_loss=5.0, first_step_s=1.0)
             for compiled, keep, ms in [(False, False, 10.0), (True, False, 8.0), (True, True, 5.0)]]
