@@ -454,9 +454,10 @@ def test_compiled_checkpointing_recomputes_the_lighthouse_ops(monkeypatch, keep)
 
     config = dict(block_size=512, vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=64,
                   lh_levels=2, lh_pool=4, lh_topk=128, dense_layers=[-1], activation_checkpointing=True)
-    gpt = GPT(GPTConfig(**config, checkpoint_keep_attention=keep))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs only where no GPU is
+    gpt = GPT(GPTConfig(**config, checkpoint_keep_attention=keep)).to(device)
     gpt.set_attention("lighthouse")
-    x = torch.randint(0, 257, (1, 513))
+    x = torch.randint(0, 257, (1, 513), device=device)
     compiled = torch.compile(gpt, dynamic=False, backend=aot_autograd(fw_compiler=nop, partition_fn=partition))
     compiled(x[:, :-1], x[:, 1:])
     assert None in kept  # the forward's inputs: the weights, the tokens

@@ -6,12 +6,11 @@
 # Activation checkpointing keeps attention's outputs (checkpoint_keep_attention, in both phases, so the
 # two arms are like for like): faster steps for more memory. Measured steps only, not a run: on one
 # H200, compiled, one sequence per step, with this config's settings a dense step takes 4.08 s at
-# 23.2 GiB peak (bench.py --mode=train, 2026-11-30) and a Lighthouse step 1.09 s at 19.2 GiB (an
-# earlier probe, 2026-11-28); with plain checkpointing (--checkpoint_keep_attention=False) 5.06 s
-# (19.4k tok/s, 18.4 GiB) and 1.25 s (78.4k tok/s, 18.1 GiB; 2026-11-28, before a regression in the
-# Lighthouse layers' checkpointing that has been fixed since). See docs/benchmarks.md. At the plain
-# rates, and if 8 GPUs scaled perfectly (an estimate), the 16k steps would take about 2 days on
-# 8 H200s. The paper reports a final loss of 0.698 (dense from scratch: 0.724).
+# 23.2 GiB peak and a Lighthouse step 1.06 s at 19.2 GiB (bench.py --mode=train, 2026-11-30); with
+# plain checkpointing (--checkpoint_keep_attention=False) 5.06 s (19.4k tok/s, 18.4 GiB) and 1.23 s
+# (79.6k tok/s, 18.1 GiB). See docs/benchmarks.md. At this config's rates, and if 8 GPUs scaled
+# perfectly (an estimate), the 16k steps would take about 39 hours on 8 H200s. The paper reports a
+# final loss of 0.698 (dense from scratch: 0.724).
 out_dir = "out-paper-98k"
 dataset = "books_bytes"
 block_size = 98304
