@@ -12,8 +12,8 @@ Benchmarks (GPU). Five modes:
 
 Layer mode: B=1, H=8, D=128, bf16, L=3, p=4, topk=2048 (1536 at N=98304, 1024 at N=16384 where
 2048 is outside the layer's domain); q, k, v and the output gradient laid out as the model makes
-them ((B, N, H, D) in memory). Forward and forward+backward are timed with CUDA events
-(median), peak memory is that of forward+backward above the inputs. Speedups and memory ratios
+them ((B, N, H, D) in memory), or as (B, H, N, D) tensors with --layout contiguous. Forward and
+forward+backward are timed with CUDA events (median), peak memory is that of forward+backward above the inputs. Speedups and memory ratios
 are against cuDNN dense SDPA measured in the same process. The variants: the scorer
 (norm | dilated, dilation 4), where RoPE is applied (before_pool | +span_end), the selection
 (the paper's | +causal) and the dilated scorer's kernel (lighthouse_kernel.DILATED_KERNEL: the
@@ -117,13 +117,17 @@ def peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def make_inputs(N, heads=H, kv_heads=H, seed=0):
-    """Random bf16 q (B, heads, N, D), k, v (B, kv_heads, N, D) and an output gradient, each a
-    transposed view of a (B, N, heads, D) tensor, as the model's projections make them."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def make_inputs(N, heads=H, kv_heads=H, seed=0, layout="model", device="cuda"):
+    """Random bf16 q (B, heads, N, D), k, v (B, kv_heads, N, D) and an output gradient. layout
+    "model": each a transposed view of a (B, N, heads, D) tensor, as the model's projections make
+    them; "contiguous": (B, heads, N, D) tensors."""
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def draw(h, grad=True):
-        x = torch.randn(B, N, h, D, device="cuda", generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+        if layout == "model":
+            x = torch.randn(B, N, h, D, device=device, generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+        else:
+            x = torch.randn(B, h, N, D, device=device, generator=gen, dtype=torch.bfloat16)
         return x.requires_grad_(grad)
 
     return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads, grad=False)
@@ -163,10 +167,10 @@ def dilated_kernel(variant):
     return next((option for option in variant.split("+")[1:] if option in lk.DILATED_KERNELS), DEFAULT_DILATED_KERNEL)
 
 
-def bench_layers(lengths, topk, variants):
+def bench_layers(lengths, topk, variants, layout="model"):
     rows = []
     for N in lengths:
-        q, k, v, dout = make_inputs(N)
+        q, k, v, dout = make_inputs(N, layout=layout)
         budget = 400 if N <= 131072 else 1  # long dense runs take seconds: time them 3 times
         topk_N = topk_for(N, topk)
         for name, attend in layer_variants(N, topk_N, variants).items():
@@ -178,15 +182,15 @@ def bench_layers(lengths, topk, variants):
                 torch.autograd.backward(attend(q, k, v), dout)
                 q.grad = k.grad = v.grad = None
 
-            rows.append(dict(N=N, topk=topk_N, impl=name, fwd_ms=time_ms(forward, budget),
+            rows.append(dict(N=N, topk=topk_N, layout=layout, impl=name, fwd_ms=time_ms(forward, budget),
                              fwd_bwd_ms=time_ms(forward_backward, budget), peak_mib=peak_mib(forward_backward)))
             print(json.dumps(rows[-1]), flush=True)
         for kernel in dict.fromkeys(dilated_kernel(v) for v in variants if v.startswith("dilated")):
             def score():  # the scorer's own cost, forward only
                 lk.triton_dilated_scores(q, k, v, 4, kernel)
 
-            rows.append(dict(N=N, topk=topk_N, impl=f"dilated scorer ({kernel})", fwd_ms=time_ms(score, budget),
-                             peak_mib=peak_mib(score)))
+            rows.append(dict(N=N, topk=topk_N, layout=layout, impl=f"dilated scorer ({kernel})",
+                             fwd_ms=time_ms(score, budget), peak_mib=peak_mib(score)))
             print(json.dumps(rows[-1]), flush=True)
         del q, k, v, dout
     return rows
@@ -525,6 +529,8 @@ def main():
     parser.add_argument("--phases", nargs="+", choices=["dense", "lighthouse"], default=["dense", "lighthouse"],
                         help="cp and train modes")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS + MORE_VARIANTS, default=VARIANTS, help="layer mode")
+    parser.add_argument("--layout", choices=["model", "contiguous"], default="model",
+                        help="layer mode: q, k, v as the model makes them ((B, N, H, D) in memory) or (B, H, N, D)")
     parser.add_argument("--configs", nargs="+", default=["config/books_64k.py"], help="train mode; cp mode: the first")
     parser.add_argument("--iters", type=int, help="train mode: timed steps per case (default 10); cp mode: per length "
                                                   "(default 1)")
@@ -555,7 +561,7 @@ def main():
                 triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"))
     print(info)
     if args.mode == "layer":
-        rows = bench_layers(args.lengths or LENGTHS, args.topk, args.variants)
+        rows = bench_layers(args.lengths or LENGTHS, args.topk, args.variants, args.layout)
         print_layer_table(rows)
     elif args.mode == "breakdown":
         rows = [r for N in args.lengths or [98304] for r in bench_breakdown(N, args.topk)] + bench_copies()

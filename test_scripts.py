@@ -103,6 +103,19 @@ def test_bench_train_table_with_one_phase():
     assert "dense" not in out.getvalue()
 
 
+@pytest.mark.parametrize("layout", ["model", "contiguous"])
+def test_bench_layer_inputs_in_either_layout(layout):
+    """bench.py --layout: q, k, v and the output gradient are (B, H, N, D) views of (B, N, H, D)
+    memory as the model makes them, or (B, H, N, D) tensors; random, and only q, k, v need grads."""
+    q, k, v, dout = bench.make_inputs(64, heads=4, kv_heads=2, layout=layout, device="cpu")
+    assert q.shape == dout.shape == (bench.B, 4, 64, bench.D) and k.shape == v.shape == (bench.B, 2, 64, bench.D)
+    for x in (q, k, v, dout):
+        assert x.is_contiguous() == (layout == "contiguous")
+        assert x.transpose(1, 2).is_contiguous() == (layout == "model")
+        assert x.float().std() > 0.5
+    assert q.requires_grad and k.requires_grad and v.requires_grad and not dout.requires_grad
+
+
 def greedy_continuation(ckpt_path, prompt, n):
     """The n tokens a model's argmax picks after prompt, one forward pass per token, decoded: what
     sampling with top_k=1 must print after the prompt."""
