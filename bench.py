@@ -13,12 +13,13 @@ Benchmarks (GPU). Five modes:
 Layer mode: B=1, H=8, D=128, bf16, L=3, p=4, topk=2048 (1536 at N=98304, 1024 at N=16384 where
 2048 is outside the layer's domain); q, k, v and the output gradient laid out as the model makes
 them ((B, N, H, D) in memory), or as (B, H, N, D) tensors with --layout contiguous. Forward and
-forward+backward are timed with CUDA events (median), peak memory is that of forward+backward above the inputs. Speedups and memory ratios
-are against cuDNN dense SDPA measured in the same process. The variants: the scorer
-(norm | dilated, dilation 4), where RoPE is applied (before_pool | +span_end), the selection
-(the paper's | +causal) and the dilated scorer's kernel (lighthouse_kernel.DILATED_KERNEL: the
-default and +sdpa, its two SDPA passes | +fused, the fused kernel in bf16 | +fp8, in FP8); a "dilated scorer" row times the scorer alone (forward; peak memory above the
-inputs), once per kernel among the variants.
+forward+backward are timed with CUDA events (median), peak memory is that of forward+backward
+above the inputs. Speedups and memory ratios are against cuDNN dense SDPA measured in the same
+process. The variants: the scorer (norm | dilated, dilation 4), where RoPE is applied
+(before_pool | +span_end), the selection (the paper's | +causal) and the dilated scorer's kernel
+(lighthouse_kernel.DILATED_KERNEL: the default and +sdpa, its two SDPA passes | +fused, the fused
+kernel in bf16 | +fp8, in FP8); a "dilated scorer" row times the scorer alone (forward; peak
+memory above the inputs), once per kernel among the variants.
 
 Breakdown mode: each stage of the layer on its own, plus two before/after measurements of
 copies the layer avoids: the scatter backward reading a transposed gradient through its strides
