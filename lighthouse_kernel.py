@@ -37,9 +37,9 @@ The file reads top to bottom as the method:
     composed by `lighthouse_reference`. Read these to learn the method.
   * The domain: what the layer accepts (check_lighthouse_config), with errors that say what to
     change, checked before any work.
-  * The Triton path: the kernels, each the twin of a reference step (the norms, the pooling, the
-    dilated scorer, the selection + order, the gather with the span-end rotation fused, the
-    scatter, and the backward passes of the last two), then their host wrappers (`triton_*`)
+  * The Triton path: the kernels, each the twin of a reference step (the norms, the dilated
+    scorer, the selection + order, the gather with the pooling and the span-end rotation fused,
+    the scatter, and the backward passes of the last two), then their host wrappers (`triton_*`)
     and their registration as torch ops, so that torch.compile sees each launch as one call
     instead of breaking its graph; composed by `lighthouse_triton`. The attention core stays
     torch SDPA (cuDNN on an H100/H200). It computes the same function as the reference,
@@ -48,7 +48,8 @@ The file reads top to bottom as the method:
     fp32 norm of each output row; on GPUs with FP8 tensor cores its matrix products can take
     FP8 (e4m3) operands: coarser scores (e4m3 keeps 3 mantissa bits), which can change part of
     the selection. DILATED_KERNEL picks it (FP8 or the inputs' dtype) or sdpa_dilated_scores,
-    its readable twin on two SDPA passes, the default until the kernel is measured on a GPU.
+    its readable twin on two SDPA passes and the default (on an H200 the kernel saves memory,
+    not time).
 
 Public entry points: lighthouse_attention(q, k, v, levels, pool, topk, impl=None, scorer="norm",
 dilation=4, rope=None) and lighthouse_select(q_scores, k_scores, levels, pool, topk, impl=None).
@@ -510,8 +511,8 @@ def _check_qkv(q, k, v, levels, pool, topk, scorer, dilation, rope, selection):
 #
 # Launches put blocks of rows (tokens or entries) on grid axis 0, which allows 2^31 - 1 programs,
 # and the (batch, head) rows on axis 1, which allows 65535: so any length the domain admits
-# launches. The pyramid above level 0 is stored separately ("upper", (B, Hx, P - N, D)): level 0
-# is the input itself, which the gather reads directly instead of copying. Offsets are int64
+# launches. The pyramid of q, k, v is never stored: the gather averages each selected entry's
+# span of tokens as it reads them, and its backward spreads the gradient back. Offsets are int64
 # everywhere: at N = 512K the flat index into (B, H, N, D) passes 2^31. Tensors are read and
 # written through their strides, so transposed inputs and gradients need no copies.
 
@@ -576,36 +577,6 @@ def _norm_score_kernel(x_ptr, sx_b, sx_h, sx_n, score_ptr, N, S, D, G: tl.conste
         pooled = tl.max(tl.reshape(score, [BLOCK_T // POOL**lvl, POOL**lvl]), axis=1)
         j = tl.program_id(0) * (BLOCK_T // POOL**lvl) + tl.arange(0, BLOCK_T // POOL**lvl).to(tl.int64)
         tl.store(score_ptr + bg * S + _level_start(N, lvl, POOL) + j, pooled, mask=j < N // POOL**lvl)
-
-
-@triton.jit
-def _pool_kernel(src_ptr, ss_b, ss_h, ss_n, upper_ptr, N, P_UP, D, HX: tl.constexpr, FIRST: tl.constexpr,
-                 LAST: tl.constexpr, POOL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Levels FIRST..LAST of ref_pyramid, each entry the mean of its p children (fp32 sums), for
-    BLOCK_J entries of level LAST and the entries of the levels in between that lie under them.
-    Level FIRST reads its children from src (x, or level FIRST-1 in upper); each later level reads
-    the level this program has just written, while it is still in cache."""
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // HX, bh % HX
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    for lvl in tl.static_range(FIRST, LAST + 1):
-        # this program's entries of level lvl: BLOCK_J * p^(LAST - lvl) of them
-        e = tl.program_id(0) * (BLOCK_J * POOL ** (LAST - lvl)) + \
-            tl.arange(0, BLOCK_J * POOL ** (LAST - lvl)).to(tl.int64)
-        ok = (e < N // POOL**lvl)[:, None] & d_ok[None, :]
-        acc = tl.zeros([BLOCK_J * POOL ** (LAST - lvl), BLOCK_D], dtype=tl.float32)
-        for c in tl.static_range(POOL):
-            child = e * POOL + c  # index of the c-th child in level lvl-1
-            if lvl == FIRST:
-                rows = tl.load(src_ptr + b * ss_b + h * ss_h + child[:, None] * ss_n + d[None, :], mask=ok)
-            else:  # written just above by this program: bypass L1, read from L2
-                rows = tl.load(upper_ptr + (bh * P_UP + _level_start(N, lvl - 1, POOL) - N + child)[:, None] * D
-                               + d[None, :], mask=ok, cache_modifier=".cg")
-            acc += rows.to(tl.float32)
-        tl.store(upper_ptr + (bh * P_UP + _level_start(N, lvl, POOL) - N + e)[:, None] * D + d[None, :],
-                 (acc / POOL).to(upper_ptr.dtype.element_ty), mask=ok)
-        tl.debug_barrier()  # the next level reads rows that other threads of this program wrote
 
 
 @triton.jit
@@ -785,11 +756,12 @@ def _select_kernel(q_score_ptr, k_score_ptr, idx_ptr, inv_ptr, work_ptr, N, P, M
 
 
 @triton.jit
-def _gather_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, idx_ptr, cos_ptr, sin_ptr, s_rope, out_ptr,
-                   N, P_UP, M, D, HX: tl.constexpr, G: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr,
+def _gather_kernel(x_ptr, sx_b, sx_h, sx_n, idx_ptr, cos_ptr, sin_ptr, s_rope, out_ptr, N, M, D,
+                   HX: tl.constexpr, G: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr,
                    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Twin of ref_gather (and, with ROPE, of ref_rope_at_span_end): out[b, h, m] = pyramid row
-    idx[b, group(h), m] of head h, level-0 rows straight from x, coarser rows from `upper`."""
+    """Twin of ref_pyramid + ref_gather (and, with ROPE, of ref_rope_at_span_end): out[b, h, m] =
+    pyramid row idx[b, group(h), m] of head h, i.e. the mean of x over that entry's span of p^lvl
+    tokens (fp32 sums), read straight from x: the pyramid itself is never stored."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // HX, bh % HX
@@ -797,15 +769,16 @@ def _gather_kernel(x_ptr, sx_b, sx_h, sx_n, upper_ptr, idx_ptr, cos_ptr, sin_ptr
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < M, d < D
     e = tl.load(idx_ptr + (b * G + g) * M + m, mask=m_ok, other=-1)  # (BLOCK_M,) pyramid indices
-    used, fine = e >= 0, e < N  # an unused slot (-1, ref_select_causal) gets a zero row
-    rows = tl.load(x_ptr + b * sx_b + h * sx_h + e[:, None] * sx_n + d[None, :],
-                   mask=(used & fine)[:, None] & d_ok[None, :], other=0.0)
-    coarse = tl.load(upper_ptr + (bh * P_UP + e - N)[:, None] * D + d[None, :],
-                     mask=(used & ~fine)[:, None] & d_ok[None, :], other=0.0)
-    rows = tl.where(fine[:, None], rows, coarse)
+    used = e >= 0  # an unused slot (-1, ref_select_causal) gets a zero row
+    span, last = _last_token(e, N, LEVELS, POOL)  # (BLOCK_M,) each: p^lvl, and the span's last token
+    rows = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for r in range(0, tl.max(tl.where(used, span, 1))):  # the widest span among this block's entries
+        token = last - span + 1 + r  # (BLOCK_M,): the r-th token of each entry's span
+        rows += tl.load(x_ptr + b * sx_b + h * sx_h + token[:, None] * sx_n + d[None, :],
+                        mask=(used & (r < span))[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    rows = rows / span[:, None]
     if ROPE:
-        _, pos = _last_token(e, N, LEVELS, POOL)
-        rows = _rotate(rows.to(tl.float32), tl.where(m_ok, pos, -1), cos_ptr, sin_ptr, s_rope, D, 1, BLOCK_M, BLOCK_D)
+        rows = _rotate(rows, tl.where(m_ok, last, -1), cos_ptr, sin_ptr, s_rope, D, 1, BLOCK_M, BLOCK_D)
     tl.store(out_ptr + (bh * M + m)[:, None] * D + d[None, :], rows.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
@@ -1059,31 +1032,6 @@ def _score_pyramid_like(q, k, levels, pool):
     return torch.empty(q.shape[0], k.shape[1], P, dtype=torch.float32, device=q.device)
 
 
-def triton_pyramid(x, levels, pool):
-    """Twin of ref_pyramid, levels 1..L-1 only: x (B, Hx, N, D) -> upper (B, Hx, P - N, D) in x's
-    dtype. Level 0 is x itself, which the gather reads directly.
-
-    One launch makes all levels when a program's ROWS level-1 entries cover whole coarsest spans
-    (pool^(levels-2) <= ROWS, every config in config/); otherwise one launch per level."""
-    x = _last_dim_contiguous(x)
-    B, HX, N, D = x.shape
-    offsets, P = level_offsets(N, levels, pool)
-    upper = torch.empty(B, HX, P - N, D, dtype=x.dtype, device=x.device)
-    if pool ** (levels - 2) <= ROWS:
-        steps = [(1, levels - 1)]
-    else:
-        steps = [(lvl, lvl) for lvl in range(1, levels)]
-    with _on_device(x):
-        for first, last in steps:
-            # level first-1: x, or the level just made, a view of upper (B, Hx, N / p^(first-1), D)
-            src = x if first == 1 else upper[:, :, offsets[first - 1] - N:offsets[first] - N]
-            per_program = ROWS // pool ** (last - first)  # entries of level `last` per program
-            _pool_kernel[_grid(N // pool**last, per_program, B * HX)](
-                src, *src.stride()[:3], upper, N, P - N, D, HX=HX, FIRST=first, LAST=last, POOL=pool,
-                BLOCK_J=per_program, BLOCK_D=_next_power_of_2(D), num_warps=4)
-    return upper
-
-
 def _launch_norm_scores(q, k, levels, pool):
     """Twin of ref_norm_scores + ref_score_pyramid: the (B, G, P) fp32 score pyramids of q and k.
 
@@ -1216,13 +1164,11 @@ def _launch_gather(x, idx, levels, pool, cos, sin):
     x = _last_dim_contiguous(x)
     B, HX, N, D = x.shape
     G, M = idx.shape[1], idx.shape[2]
-    upper = triton_pyramid(x, levels, pool)
     out = torch.empty(B, HX, M, D, dtype=x.dtype, device=x.device)
     with _on_device(x):
         _gather_kernel[_grid(M, ROWS, B * HX)](
-            x, *x.stride()[:3], upper, idx, *_rope_args(x, cos, sin), out, N, upper.shape[2], M, D, HX=HX, G=G,
-            LEVELS=levels, POOL=pool, ROPE=cos is not None, BLOCK_M=ROWS, BLOCK_D=_next_power_of_2(D),
-            num_warps=4)
+            x, *x.stride()[:3], idx, *_rope_args(x, cos, sin), out, N, M, D, HX=HX, G=G, LEVELS=levels,
+            POOL=pool, ROPE=cos is not None, BLOCK_M=ROWS, BLOCK_D=_next_power_of_2(D), num_warps=4)
     return out
 
 

@@ -114,28 +114,31 @@ def shared_dilated_scores(monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_pyramid_and_norm_scores_match_reference(case):
+def test_norm_scores_match_reference(case):
     B, H, G, N, D, L, p, K = case
     q, k, _ = random_qkv(case)
-    for x in (q, k, q.transpose(1, 2).contiguous().transpose(1, 2)):  # the last one laid out as (B, N, H, D)
-        assert rel_err(lk.triton_pyramid(x, L, p), lk.ref_pyramid(x, L, p)[:, :, N:]) < FP32_TOL
     # the scores must be bitwise equal, or the two paths could select different entries
     for ours, ref in zip(lk.triton_norm_scores(q, k, L, p), lk.ref_norm_scores(q, k)):
         assert torch.equal(ours, lk.ref_score_pyramid(ref, L, p))
 
 
 @pytest.mark.parametrize("L, p", [(3, 4), (4, 4)])
-def test_pyramids_in_small_blocks_match_reference(monkeypatch, L, p):
-    """With 8 rows per program, the per-level paths run: the score pyramid from the token scores
-    (p^(L-1) > 8 tokens per span), and the pooling level by level when L=4 (p^2 > 8 level-1
-    entries); L=3 pools both levels in one launch with 2 coarsest entries per program."""
+def test_small_blocks_match_reference(monkeypatch, L, p):
+    """With 8 rows per program: the score pyramid comes from the token scores level by level
+    (p^(L-1) > 8 tokens per span), and each block of 8 gathered entries averages spans of up to
+    p^(L-1) = 16 or 64 tokens, as many as its widest entry has (x laid out as (B, N, H, D) too)."""
     monkeypatch.setattr(lk, "ROWS", 8)
     case = (2, 4, 2, 256, 16, L, p, 128)
     q, k, _ = random_qkv(case)
-    for x in (q, k.transpose(1, 2).contiguous().transpose(1, 2)):
-        assert rel_err(lk.triton_pyramid(x, L, p), lk.ref_pyramid(x, L, p)[:, :, 256:]) < FP32_TOL
     for ours, ref in zip(lk.triton_norm_scores(q, k, L, p), lk.ref_norm_scores(q, k)):
         assert torch.equal(ours, lk.ref_score_pyramid(ref, L, p))
+    case = (1, 2, 1, 128 * p ** (L - 1), 16, L, p, 128)  # the shortest sequence the selection allows
+    q, k, _ = random_qkv(case)
+    idx, inv = reference_selection(q, k, case)
+    idx = idx[:, :, ::7].contiguous()  # every 7th entry: blocks of 8 that mix the levels, in a few programs
+    for x in (q, k.transpose(1, 2).contiguous().transpose(1, 2)):
+        ref = lk.ref_gather(lk.ref_pyramid(x, L, p), idx)
+        assert rel_err(lk.triton_gather(x, idx, inv, L, p), ref) < FP32_TOL
 
 
 def test_dilated_scores_reference_equals_a_naive_loop():
@@ -276,8 +279,9 @@ def test_gather_and_scatter_match_reference(case):
     q, k, _ = random_qkv(case, requires_grad=True)
     idx, inv = reference_selection(q, k, case)
     cos, sin = tables(N, D)
-    # gather (q: one row per query head; k: one per kv head), plain and rotated at the span end
-    for x in (q, k):
+    # gather (q: one row per query head; k: one per kv head; q laid out as (B, N, H, D)), plain and
+    # rotated at the span end
+    for x in (q, k, q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()):
         for rope in (None, (cos, sin)):
             ours = lk.triton_gather(x, idx, inv, L, p, *(rope or (None, None)))
             ref = lk.ref_gather(lk.ref_pyramid(x, L, p), idx)
@@ -820,7 +824,7 @@ def test_triton_is_deterministic():
         out = lk.triton_scatter(attn, idx, inv, N, L, p)
         (d_attn,) = torch.autograd.grad(out, attn, d_out)
         layer = lk.lighthouse_attention(q, k, v, L, p, K, impl="triton")
-        return (*scores, lk.triton_pyramid(q, L, p), idx, inv, q_sel, dq, out, d_attn, layer)
+        return (*scores, idx, inv, q_sel, dq, out, d_attn, layer)
 
     first = stages()
     for _ in range(2):
