@@ -132,9 +132,9 @@ def test_small_blocks_match_reference(monkeypatch, L, p):
     q, k, _ = random_qkv(case)
     for ours, ref in zip(lk.triton_norm_scores(q, k, L, p), lk.ref_norm_scores(q, k)):
         assert torch.equal(ours, lk.ref_score_pyramid(ref, L, p))
-    case = (1, 2, 1, 128 * p ** (L - 1), 16, L, p, 128)  # the shortest sequence the selection allows
-    q, k, _ = random_qkv(case)
-    idx, inv = reference_selection(q, k, case)
+    gather_case = (1, 2, 1, 128 * p ** (L - 1), 16, L, p, 128)  # the shortest sequence the selection allows
+    q, k, _ = random_qkv(gather_case)
+    idx, inv = reference_selection(q, k, gather_case)
     idx = idx[:, :, ::7].contiguous()  # every 7th entry: blocks of 8 that mix the levels, in a few programs
     for x in (q, k.transpose(1, 2).contiguous().transpose(1, 2)):
         ref = lk.ref_gather(lk.ref_pyramid(x, L, p), idx)
